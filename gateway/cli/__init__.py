@@ -1,0 +1,5 @@
+"""The `bearpaw` command line."""
+
+from gateway.cli.main import app
+
+__all__ = ["app"]

@@ -1,0 +1,103 @@
+"""Top-level `bearpaw` commands."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import typer
+
+from gateway.cli.common import console, engine
+from gateway.cli.tenants import keys_app, tenants_app
+from gateway.settings import get_settings
+
+app = typer.Typer(
+    help="Bearpaw: an OpenAI-compatible LLM gateway.", no_args_is_help=True, add_completion=False
+)
+app.add_typer(tenants_app, name="tenants")
+app.add_typer(keys_app, name="keys")
+
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply migrations up to the latest revision."""
+    engine()
+    console.print(f"database at latest revision: {get_settings().db_url}")
+
+
+def worker_command(concurrency: int) -> list[str]:
+    # Started by module path, so the gateway does not import the workers package.
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers.celery_app",
+        "worker",
+        "--loglevel",
+        "INFO",
+        "--concurrency",
+        str(concurrency),
+    ]
+
+
+@app.command()
+def serve(
+    host: str | None = typer.Option(None, help="bind address (BEARPAW_HOST)"),
+    port: int | None = typer.Option(None, help="port (BEARPAW_PORT)"),
+    worker: bool | None = typer.Option(
+        None, "--worker/--no-worker", help="start a Celery worker beside the gateway"
+    ),
+    processes: int = typer.Option(1, help="gateway processes (uvicorn workers)"),
+) -> None:
+    """Run the gateway (and, by default, a worker process beside it)."""
+    import uvicorn
+
+    settings = get_settings()
+    engine()  # migrate before any process starts
+    child = None
+    if worker if worker is not None else settings.workers.embedded:
+        child = subprocess.Popen(worker_command(settings.workers.concurrency))
+    try:
+        uvicorn.run(
+            "gateway.main:app",
+            host=host or settings.host,
+            port=port or settings.port,
+            loop="uvloop",
+            http="httptools",
+            workers=processes,
+            log_level="warning",
+            timeout_graceful_shutdown=30,
+        )
+    finally:
+        if child is not None and child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
+@app.command()
+def worker(concurrency: int | None = typer.Option(None)) -> None:
+    """Run a Celery worker for async jobs and batches."""
+    settings = get_settings()
+    engine()
+    cmd = worker_command(concurrency or settings.workers.concurrency)
+    os.execv(cmd[0], cmd)
+
+
+def _register_optional_groups() -> None:
+    # Command groups of other concerns live in their own modules.
+    from gateway.cli import extra_groups
+
+    for name, group in extra_groups.groups():
+        app.add_typer(group, name=name)
+
+
+_register_optional_groups()

@@ -1,0 +1,4 @@
+"""Imports every module that defines a table, for Alembic and create_all."""
+
+import gateway.db.tenants  # noqa: F401
+import gateway.db.usage  # noqa: F401

@@ -1,0 +1,396 @@
+"""The one pipeline every request goes through: HTTP routes, async jobs and
+batch lines alike. Order: resolve model → admit → cache lookup → backend →
+meter → cache store. Every request, whatever its fate, leaves exactly one
+usage record (keyed by its request id, so a replay cannot count it twice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import orjson
+
+from backends.errors import BackendError
+from backends.pool import ReplicaPool
+from cache.keys import canonical_hash, namespace_for
+from cache.policy import cache_decision
+from cache.semantic_cache import SemanticCache
+from cache.singleflight import SingleFlight
+from gateway.caller import Caller
+from gateway.db import UsageRecord
+from gateway.errors import APIError, error_body, from_backend
+from gateway.limits import Limiter, estimate_tokens
+from gateway.pricing import PriceBook
+from gateway.protocol import ENDPOINTS
+from gateway.sse import DONE, StreamAssembler, event, parse_event, replay
+from gateway.usage_writer import UsageWriter
+
+log = logging.getLogger("bearpaw.pipeline")
+
+CACHEABLE = ("chat.completions", "completions")
+
+
+@dataclass
+class Call:
+    endpoint: str  # a key of protocol.ENDPOINTS
+    body: dict[str, Any]  # validated request body
+    caller: Caller
+    request_id: str
+    source: str = "interactive"  # interactive | async | batch
+    cache_control: str = ""
+
+
+@dataclass
+class Outcome:
+    status: int
+    body: dict[str, Any] | None
+    headers: dict[str, str] = field(default_factory=dict)
+    stream: AsyncIterator[bytes] | None = None
+
+
+@dataclass
+class _Meter:
+    """What the usage record of one call is built from."""
+
+    call: Call
+    model: str
+    started: float = field(default_factory=time.perf_counter)
+    backend: str | None = None
+    cache: str = "bypass"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    status: int = 200
+    error: str | None = None
+    stream: bool = False
+
+
+# A hook the budget guard implements: raises APIError or returns headers.
+BudgetCheck = Callable[[Caller], Awaitable[dict[str, str]]]
+
+
+class Pipeline:
+    def __init__(
+        self,
+        pool: ReplicaPool,
+        cache: SemanticCache | None,
+        usage: UsageWriter,
+        limiter: Limiter,
+        prices: PriceBook,
+        budget_check: BudgetCheck | None = None,
+        observe: Callable[[UsageRecord], None] | None = None,
+    ) -> None:
+        self.pool = pool
+        self.cache = cache
+        self.usage = usage
+        self.limiter = limiter
+        self.prices = prices
+        self.budget_check = budget_check
+        self.observe = observe
+        self.flights = SingleFlight()
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # ------------------------------------------------------------------ entry
+    async def run(self, call: Call) -> Outcome:
+        model = str(call.body.get("model", ""))
+        meter = _Meter(call=call, model=model, stream=bool(call.body.get("stream")))
+        headers: dict[str, str] = {"x-request-id": call.request_id}
+        try:
+            canonical = self.pool.resolve(model)
+            if canonical is None:
+                raise APIError(
+                    404,
+                    f"The model `{model}` does not exist or you do not have access to it.",
+                    code="model_not_found",
+                    param="model",
+                )
+            meter.model = canonical
+            headers.update(await self.limiter.admit(call.caller, estimate_tokens(call.body)))
+            if self.budget_check is not None:
+                headers.update(await self.budget_check(call.caller))
+            outcome = await self._serve(call, meter, headers)
+        except APIError as exc:
+            outcome = self._fail(meter, exc, headers)
+        except BackendError as exc:
+            outcome = self._fail(meter, from_backend(exc), headers)
+        except asyncio.CancelledError:
+            # The client went away before an answer: metered as abandoned.
+            meter.status, meter.error = 499, "client closed request"
+            self._spawn(self._record(meter))
+            raise
+        if outcome.stream is None:
+            await self._record(meter)
+        return outcome
+
+    def _fail(self, meter: _Meter, exc: APIError, headers: dict[str, str]) -> Outcome:
+        meter.status, meter.error = exc.status, exc.message
+        return Outcome(exc.status, exc.body(), {**headers, **exc.headers})
+
+    # ------------------------------------------------------------- cache + route
+    async def _serve(self, call: Call, meter: _Meter, headers: dict[str, str]) -> Outcome:
+        body = call.body
+        stream = bool(body.get("stream"))
+        namespace = key = None
+        lookup = store = False
+        if call.endpoint in CACHEABLE and self.cache is not None:
+            reason = cache_decision(body, call.caller.cache_policy)
+            cc = call.cache_control.lower()
+            if "no-store" in cc:
+                reason = reason or "no-store"
+            if reason is None:
+                namespace = namespace_for(call.caller.tenant_id, meter.model, body)
+                key = canonical_hash(namespace, body)
+                store = True
+                lookup = "no-cache" not in cc
+            headers["x-bearpaw-cache"] = "miss" if store else "bypass"
+            if reason:
+                headers["x-bearpaw-cache-bypass"] = reason
+        if lookup:
+            hit = await self.cache.lookup(namespace, body, call.caller.cache_policy.operating_point)
+            if hit is not None:
+                return self._replay_hit(call, meter, headers, hit)
+        meter.cache = "miss" if store else "bypass"
+        path = ENDPOINTS[call.endpoint][0]
+        upstream_body = {**body, "model": meter.model}
+        if stream:
+            return await self._stream(call, meter, headers, path, upstream_body, namespace)
+        if store:
+            # Identical concurrent misses share one backend call.
+            resp = await self.flights.do(
+                key, lambda: self._call_backend(call, meter, path, upstream_body)
+            )
+        else:
+            resp = await self._call_backend(call, meter, path, upstream_body)
+        status, rbody, backend = resp
+        meter.backend = backend
+        headers["x-bearpaw-backend"] = backend
+        if status >= 400:
+            meter.status, meter.error = status, _error_message(rbody)
+            return Outcome(status, rbody, headers)
+        self._take_usage(meter, rbody.get("usage"))
+        if store:
+            self._spawn(self.cache.store(namespace, body, rbody, call.caller.tenant_id))
+        return Outcome(200, rbody, headers)
+
+    async def _call_backend(
+        self, call: Call, meter: _Meter, path: str, body: dict[str, Any]
+    ) -> tuple[int, dict[str, Any], str]:
+        resp = await self.pool.request(
+            meter.model,
+            path,
+            body,
+            priority=call.caller.priority,
+            affinity_key=affinity_key(body),
+        )
+        return resp.status, resp.body, resp.replica
+
+    def _replay_hit(self, call: Call, meter: _Meter, headers: dict[str, str], hit: Any) -> Outcome:
+        response = dict(hit.response)
+        response["id"] = _fresh_id(response.get("id"), call.request_id)
+        response["created"] = int(time.time())
+        usage = response.get("usage") or {}
+        meter.cache = "hit"
+        meter.backend = "cache"
+        meter.cached_tokens = int(usage.get("prompt_tokens", 0)) + int(
+            usage.get("completion_tokens", 0)
+        )
+        meter.prompt_tokens = int(usage.get("prompt_tokens", 0))
+        meter.completion_tokens = int(usage.get("completion_tokens", 0))
+        headers["x-bearpaw-cache"] = "hit"
+        headers["x-bearpaw-cache-similarity"] = f"{hit.similarity:.4f}"
+        headers["x-bearpaw-cache-layer"] = hit.layer
+        if not call.body.get("stream"):
+            return Outcome(200, response, headers)
+        include = bool((call.body.get("stream_options") or {}).get("include_usage"))
+
+        async def events() -> AsyncIterator[bytes]:
+            chunks = replay(response, include)
+            last = None
+            for chunk in chunks:
+                if chunk == DONE:
+                    last = chunk
+                    break
+                yield chunk
+            # The record is committed before the stream says it is done.
+            await self._record(meter)
+            if last:
+                yield last
+
+        return Outcome(200, None, headers, stream=events())
+
+    # ---------------------------------------------------------------- streaming
+    async def _stream(
+        self,
+        call: Call,
+        meter: _Meter,
+        headers: dict[str, str],
+        path: str,
+        body: dict[str, Any],
+        namespace: str | None,
+    ) -> Outcome:
+        client_opts = call.body.get("stream_options") or {}
+        want_usage = bool(client_opts.get("include_usage"))
+        want_continuous = bool(client_opts.get("continuous_usage_stats"))
+        # Always ask for usage on every chunk, so even an abandoned stream is
+        # metered for exactly the tokens generated so far.
+        body["stream_options"] = {
+            **client_opts,
+            "include_usage": True,
+            "continuous_usage_stats": True,
+        }
+        upstream = await self.pool.stream(
+            meter.model,
+            path,
+            body,
+            priority=call.caller.priority,
+            affinity_key=affinity_key(body),
+        )
+        meter.backend = upstream.replica
+        headers["x-bearpaw-backend"] = upstream.replica
+        assembler = StreamAssembler()
+
+        async def events() -> AsyncIterator[bytes]:
+            completed = recorded = False
+            try:
+                try:
+                    async for raw in upstream:
+                        data = parse_event(raw)
+                        if data is None:
+                            if b"[DONE]" in raw:
+                                completed = True
+                                break
+                            continue
+                        if "error" in data and not data.get("choices"):
+                            meter.status, meter.error = 500, _error_message(data)
+                            yield raw
+                            continue
+                        assembler.add(data)
+                        usage = data.get("usage")
+                        if usage:
+                            self._take_usage(meter, usage)
+                        if not data.get("choices"):
+                            # The final usage-only chunk goes out only when asked for.
+                            if want_usage:
+                                yield raw
+                            continue
+                        if usage and not want_continuous:
+                            data.pop("usage", None)
+                            yield event(data)
+                        else:
+                            yield raw
+                except BackendError as exc:
+                    meter.status, meter.error = 502, exc.message
+                if not completed and meter.status < 400:
+                    meter.status, meter.error = 502, "the backend stream ended early"
+                if meter.status >= 400:
+                    yield event(
+                        error_body(meter.error or "backend error", "server_error", None, None)
+                    )
+                # Usage is committed before the client is told the stream is done.
+                await self._record(meter)
+                recorded = True
+                if completed and meter.status < 400:
+                    if namespace is not None:
+                        self._spawn(
+                            self.cache.store(
+                                namespace, call.body, assembler.response(), call.caller.tenant_id
+                            )
+                        )
+                    yield DONE
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await upstream.aclose()
+                if not recorded:
+                    # The client went away mid-stream: metered for what was generated.
+                    meter.status, meter.error = 499, "client closed the stream"
+                    self._spawn(self._record(meter))
+
+        return Outcome(200, None, headers, stream=events())
+
+    # ------------------------------------------------------------------ metering
+    def _take_usage(self, meter: _Meter, usage: dict[str, Any] | None) -> None:
+        if usage:
+            meter.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            meter.completion_tokens = int(usage.get("completion_tokens") or 0)
+
+    async def _record(self, meter: _Meter) -> None:
+        call = meter.call
+        if meter.cache == "hit":
+            cost = self.prices.cached_cost(meter.model, meter.prompt_tokens)
+            avoided = self.prices.list_cost(
+                meter.model, meter.prompt_tokens, meter.completion_tokens
+            ) - cost
+            discount = 0.0
+        else:
+            priced = self.prices.cost(
+                meter.model, meter.prompt_tokens, meter.completion_tokens, call.source
+            )
+            cost, avoided, discount = priced.cost_usd, 0.0, priced.batch_discount_usd
+        record = UsageRecord(
+            request_id=call.request_id,
+            tenant_id=call.caller.tenant_id,
+            key_id=call.caller.key_id,
+            model=meter.model or str(call.body.get("model", "")),
+            backend=meter.backend,
+            endpoint=call.endpoint,
+            source=call.source,
+            stream=meter.stream,
+            prompt_tokens=meter.prompt_tokens,
+            completion_tokens=meter.completion_tokens,
+            cached_tokens=meter.cached_tokens,
+            latency_ms=(time.perf_counter() - meter.started) * 1000.0,
+            cache=meter.cache,
+            status_code=meter.status,
+            error=meter.error,
+            tier=call.caller.tier,
+            cost_usd=cost,
+            cost_avoided_usd=avoided,
+            batch_discount_usd=discount,
+        )
+        await self.usage.write(record)
+        if self.observe is not None:
+            self.observe(record)
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        # Work that must outlive a cancelled request (its usage record, a
+        # cache store) runs as its own task, outside the request's cancel scope.
+        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def affinity_key(body: dict[str, Any], chars: int = 256) -> str | None:
+    """A hash of the long shared prompt prefix, so requests that share it land on
+    the replica whose prefix cache already holds it."""
+    messages = body.get("messages")
+    if messages:
+        head = orjson.dumps(messages[:-1] or messages[:1])[:chars]
+    elif isinstance(body.get("prompt"), str):
+        head = body["prompt"][:chars].encode()
+    else:
+        return None
+    if len(head) < 64:
+        return None
+    return hashlib.blake2b(head, digest_size=8).hexdigest()
+
+
+def _fresh_id(old: Any, request_id: str) -> str:
+    prefix = str(old).split("-", 1)[0] if old else "chatcmpl"
+    return f"{prefix}-{request_id.removeprefix('req_')}"
+
+
+def _error_message(body: Any) -> str:
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        return str(body["error"].get("message", "upstream error"))
+    return "upstream error"

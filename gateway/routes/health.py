@@ -1,0 +1,36 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health")
+async def health() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    state = request.app.state.bearpaw
+    replicas = state.pool.snapshot()
+    healthy = [r for r in replicas if r.get("healthy")]
+    draining = state.extras.get("draining", False)
+    ok = bool(healthy) and not draining
+    body = {
+        "status": "ready" if ok else "not_ready",
+        "draining": draining,
+        "replicas": replicas,
+    }
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    registry = request.app.state.bearpaw.extras.get("registry")
+    data = generate_latest(registry) if registry is not None else generate_latest()
+    return Response(data, media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,122 @@
+"""Gateway settings: environment (BEARPAW_*), an optional YAML file, then defaults.
+
+The YAML file is named by BEARPAW_CONFIG. Nested keys use "__" in environment
+variables, e.g. BEARPAW_CACHE__ENABLED=false.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from backends.config import BackendSettings
+from cache.config import CacheSettings
+from gateway.pricing import PriceSettings
+
+
+class LimitSettings(BaseModel):
+    # Redis URL for counters shared by several gateway processes; None keeps
+    # them in-process (right for a single process only).
+    redis_url: str | None = None
+    default_rpm: int | None = None
+    default_tpm: int | None = None
+
+
+class WorkerSettings(BaseModel):
+    # Start a Celery worker process beside the gateway (the embedded default).
+    embedded: bool = True
+    concurrency: int = 4
+    # Batch/async pacing: hold new batch lines while backends have this many
+    # interactive requests waiting.
+    backfill_max_waiting: float = 1.0
+
+
+class YamlFileSource(PydanticBaseSettingsSource):
+    """Reads the YAML file named by BEARPAW_CONFIG, if any."""
+
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        super().__init__(settings_cls)
+        path = os.environ.get("BEARPAW_CONFIG")
+        self._data: dict[str, Any] = {}
+        if path:
+            text = Path(path).read_text()
+            loaded = yaml.safe_load(text) or {}
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{path}: the top level must be a mapping")
+            self._data = loaded
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="BEARPAW_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: Path = Path("bearpaw-data")
+    # SQLite file under data_dir by default; postgresql+psycopg://... by URL.
+    database_url: str | None = None
+    # Celery broker; default is an SQLite-backed transport that needs no server.
+    broker_url: str | None = None
+    # Admin API key (Authorization: Bearer ...); the admin API is closed when unset.
+    admin_key: str | None = None
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_file_bytes: int = 200 * 1024 * 1024
+    log_level: str = "info"
+    log_json: bool = True
+    # Answer-time limit for a whole request, seconds; backends have their own
+    # connect/read timeouts.
+    request_timeout: float = 600.0
+
+    backends: BackendSettings = Field(default_factory=BackendSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    workers: WorkerSettings = Field(default_factory=WorkerSettings)
+    prices: PriceSettings = Field(default_factory=PriceSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, YamlFileSource(settings_cls), file_secret_settings)
+
+    @property
+    def db_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'bearpaw.db').resolve()}"
+
+    @property
+    def celery_broker_url(self) -> str:
+        if self.broker_url:
+            return self.broker_url
+        return f"sqla+sqlite:///{(self.data_dir / 'broker.db').resolve()}"
+
+    def ensure_dirs(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
