@@ -14,7 +14,9 @@ from gateway.cli.tenants import keys_app, tenants_app
 from gateway.settings import get_settings
 
 app = typer.Typer(
-    help="Bearpaw: an OpenAI-compatible LLM gateway.", no_args_is_help=True, add_completion=False
+    help="Bearpaw: an OpenAI-compatible LLM gateway.", no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
 )
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")

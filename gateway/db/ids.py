@@ -11,11 +11,13 @@ def new_id(prefix: str) -> str:
 
 
 def utcnow() -> datetime:
-    # Naive UTC: SQLite drops tz info, so every row stores naive UTC the same way.
-    return datetime.now(UTC).replace(tzinfo=None)
+    # Aware UTC: SQLModel's UTCDateTime stores it the same way on SQLite and PostgreSQL.
+    return datetime.now(UTC)
 
 
 def unix(ts: datetime | None) -> int | None:
     if ts is None:
         return None
-    return int(ts.replace(tzinfo=UTC).timestamp())
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=UTC)
+    return int(ts.timestamp())
