@@ -73,7 +73,9 @@ async def require_admin(request: Request) -> None:
     secret = _bearer(request)
     admin = request.app.state.bearpaw.settings.admin_key
     if not admin:
-        raise APIError(403, "The admin API is disabled: set BEARPAW_ADMIN_KEY.", code="admin_disabled")
+        raise APIError(
+            403, "The admin API is disabled: set BEARPAW_ADMIN_KEY.", code="admin_disabled"
+        )
     if not hmac.compare_digest(secret.encode(), admin.encode()):
         raise APIError(401, "Incorrect admin key provided.", code="invalid_api_key")
 

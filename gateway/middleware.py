@@ -40,8 +40,8 @@ class RequestIdMiddleware:
             elapsed = time.perf_counter() - started
             path = scope.get("path", "")
             if self.metrics is not None:
-                route = path if path.startswith(("/v1/chat", "/v1/completions", "/v1/embeddings")) else path.split("/")[1] if path else ""
-                self.metrics.http.labels(scope["method"], route, str(status_holder[0])).observe(elapsed)
+                status = str(status_holder[0])
+                self.metrics.http.labels(scope["method"], _route(path), status).observe(elapsed)
             if log.isEnabledFor(logging.INFO):
                 log.info(
                     "request",
@@ -53,3 +53,15 @@ class RequestIdMiddleware:
                         "duration_ms": round(elapsed * 1000, 3),
                     },
                 )
+
+
+_KNOWN = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models")
+
+
+def _route(path: str) -> str:
+    # Bounded label values: ids in paths would make one time series per request.
+    for known in _KNOWN:
+        if path.startswith(known):
+            return known
+    parts = path.split("/")
+    return "/".join(parts[:3]) if len(parts) > 2 else path

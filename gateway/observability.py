@@ -76,14 +76,14 @@ class _PoolCollector:
         self.queue_depth = queue_depth
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        labels = ["model", "replica"]
-        healthy = GaugeMetricFamily("bearpaw_backend_healthy", "1 if the replica is healthy", labels=labels)
-        outstanding = GaugeMetricFamily(
-            "bearpaw_backend_outstanding_requests", "Requests in flight from this gateway", labels=labels
-        )
-        running = GaugeMetricFamily("bearpaw_backend_requests_running", "vLLM running", labels=labels)
-        waiting = GaugeMetricFamily("bearpaw_backend_requests_waiting", "vLLM waiting", labels=labels)
-        kv = GaugeMetricFamily("bearpaw_backend_kv_cache_usage", "vLLM KV cache usage 0-1", labels=labels)
+        def gauge(name: str, doc: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, doc, labels=["model", "replica"])
+
+        healthy = gauge("bearpaw_backend_healthy", "1 if the replica is healthy")
+        outstanding = gauge("bearpaw_backend_outstanding_requests", "In flight from this gateway")
+        running = gauge("bearpaw_backend_requests_running", "vLLM requests running")
+        waiting = gauge("bearpaw_backend_requests_waiting", "vLLM requests waiting")
+        kv = gauge("bearpaw_backend_kv_cache_usage", "vLLM KV cache usage, 0-1")
         per_model: dict[str, float] = {}
         for snap in self.pool.snapshot():
             lv = [str(snap.get("model")), str(snap.get("url"))]

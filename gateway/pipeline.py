@@ -129,6 +129,12 @@ class Pipeline:
             await self._record(meter)
         return outcome
 
+    async def reject(self, call: Call, exc: APIError) -> None:
+        """Meters a request refused before the pipeline ran (malformed body)."""
+        meter = _Meter(call=call, model=str(call.body.get("model", "")))
+        meter.status, meter.error = exc.status, exc.message
+        await self._record(meter)
+
     def _fail(self, meter: _Meter, exc: APIError, headers: dict[str, str]) -> Outcome:
         meter.status, meter.error = exc.status, exc.message
         return Outcome(exc.status, exc.body(), {**headers, **exc.headers})
@@ -324,9 +330,10 @@ class Pipeline:
         call = meter.call
         if meter.cache == "hit":
             cost = self.prices.cached_cost(meter.model, meter.prompt_tokens)
-            avoided = self.prices.list_cost(
-                meter.model, meter.prompt_tokens, meter.completion_tokens
-            ) - cost
+            avoided = (
+                self.prices.list_cost(meter.model, meter.prompt_tokens, meter.completion_tokens)
+                - cost
+            )
             discount = 0.0
         else:
             priced = self.prices.cost(

@@ -14,7 +14,8 @@ from gateway.cli.tenants import keys_app, tenants_app
 from gateway.settings import get_settings
 
 app = typer.Typer(
-    help="Bearpaw: an OpenAI-compatible LLM gateway.", no_args_is_help=True,
+    help="Bearpaw: an OpenAI-compatible LLM gateway.",
+    no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )

@@ -136,7 +136,8 @@ def list_keys(
         return
     table = Table("id", "tenant", "name", "prefix", "status")
     for k in rows:
-        table.add_row(k.id, k.tenant_id, k.name, k.prefix + "…", "revoked" if k.revoked_at else "active")
+        status = "revoked" if k.revoked_at else "active"
+        table.add_row(k.id, k.tenant_id, k.name, k.prefix + "…", status)
     console.print(table)
 
 

@@ -13,7 +13,7 @@ from gateway.caller import Caller
 from gateway.errors import APIError
 from gateway.pipeline import Call, Outcome
 from gateway.protocol import ENDPOINTS
-from gateway.requests import new_request_id, read_json, validate
+from gateway.requests import read_json, validate
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 
@@ -22,14 +22,22 @@ SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 async def _handle(request: Request, caller: Caller, endpoint: str) -> Response:
     state = request.app.state.bearpaw
-    body = validate(ENDPOINTS[endpoint][1], await read_json(request, state.settings.max_body_bytes))
     call = Call(
         endpoint=endpoint,
-        body=body,
+        body={},
         caller=caller,
         request_id=request.state.request_id,
         cache_control=request.headers.get("cache-control", ""),
     )
+    try:
+        raw = await read_json(request, state.settings.max_body_bytes)
+        call.body = raw
+        validate(ENDPOINTS[endpoint][1], raw)
+    except APIError as exc:
+        # Malformed requests are metered too: every request leaves one record.
+        await state.pipeline.reject(call, exc)
+        raise
+    body = call.body
     if "respond-async" in request.headers.get("prefer", "").lower():
         jobs = state.extras.get("jobs")
         if jobs is None:

@@ -26,5 +26,7 @@ async def list_models(request: Request, _: CallerDep) -> dict:
 async def get_model(model: str, request: Request, _: CallerDep) -> dict:
     pool = request.app.state.bearpaw.pool
     if model not in pool.model_names():
-        raise APIError(404, f"The model '{model}' does not exist", code="model_not_found", param="model")
+        raise APIError(
+            404, f"The model '{model}' does not exist", code="model_not_found", param="model"
+        )
     return _model(model)
