@@ -70,6 +70,8 @@ class _Meter:
     status: int = 200
     error: str | None = None
     stream: bool = False
+    # Tokens counted against TPM at admission, settled with actual usage later.
+    admitted_tokens: int | None = None
 
 
 # A hook the budget guard implements: raises APIError or returns headers.
@@ -112,7 +114,9 @@ class Pipeline:
                     param="model",
                 )
             meter.model = canonical
-            headers.update(await self.limiter.admit(call.caller, estimate_tokens(call.body)))
+            estimate = estimate_tokens(call.body)
+            headers.update(await self.limiter.admit(call.caller, estimate))
+            meter.admitted_tokens = estimate
             if self.budget_check is not None:
                 headers.update(await self.budget_check(call.caller))
             outcome = await self._serve(call, meter, headers)
@@ -362,6 +366,10 @@ class Pipeline:
             batch_discount_usd=discount,
         )
         await self.usage.write(record)
+        if meter.admitted_tokens is not None:
+            # Answers from the cache used no backend tokens, so they do not count to TPM.
+            used = 0 if meter.cache == "hit" else meter.prompt_tokens + meter.completion_tokens
+            await self.limiter.settle(call.caller, meter.admitted_tokens, used)
         if self.observe is not None:
             self.observe(record)
 

@@ -30,6 +30,9 @@ class LimitSettings(BaseModel):
     redis_url: str | None = None
     default_rpm: int | None = None
     default_tpm: int | None = None
+    # How long a tenant's month-to-date spend is trusted before it is summed
+    # again from the usage records (budgets).
+    budget_refresh_s: float = 30.0
 
 
 class WorkerSettings(BaseModel):

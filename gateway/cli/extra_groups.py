@@ -6,5 +6,8 @@ import typer
 
 
 def groups() -> list[tuple[str, typer.Typer]]:
-    found: list[tuple[str, typer.Typer]] = []
+    from gateway.cli.pricing import pricing_app
+    from gateway.cli.report import report_app
+
+    found: list[tuple[str, typer.Typer]] = [("report", report_app), ("pricing", pricing_app)]
     return found
