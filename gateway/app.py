@@ -8,19 +8,15 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from backends.pool import ReplicaPool
-from cache.semantic_cache import SemanticCache
-from gateway.db import get_engine, migrate
+from gateway.async_jobs import AsyncJobs
 from gateway.errors import install_handlers
-from gateway.limits import Limiter, MemoryCounters, RedisCounters
 from gateway.middleware import RequestIdMiddleware
 from gateway.observability import GatewayMetrics, configure_logging
-from gateway.pipeline import Pipeline
-from gateway.pricing import PriceBook
-from gateway.routes import admin, health, inference, models
+from gateway.routes import admin, batches, files, health, inference, jobs, models, reports
+from gateway.runtime import build_runtime
 from gateway.settings import Settings, get_settings
 from gateway.state import GatewayState
-from gateway.usage_writer import UsageWriter
+from gateway.task_queue import TaskQueue
 
 log = logging.getLogger("bearpaw.app")
 
@@ -28,6 +24,7 @@ log = logging.getLogger("bearpaw.app")
 # (files/batches/jobs), so this module does not import them.
 EXTRA_ROUTERS: list = []
 STARTUP_HOOKS: list = []
+SHUTDOWN_HOOKS: list = []
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -36,39 +33,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        settings.ensure_dirs()
-        migrate(settings.db_url)
-        engine = get_engine(settings.db_url)
-        pool = ReplicaPool(settings.backends)
-        await pool.start()
-        cache = None
-        if settings.cache.enabled:
-            cache = SemanticCache(settings.cache, engine)
-            await cache.start()
-        usage = UsageWriter(engine)
-        usage.start()
-        if settings.limits.redis_url:
-            counters = RedisCounters(settings.limits.redis_url)
-        else:
-            counters = MemoryCounters()
-        limiter = Limiter(counters, settings.limits.default_rpm, settings.limits.default_tpm)
-        prices = PriceBook(settings.prices)
-        metrics = GatewayMetrics(pool)
-        pipeline = Pipeline(pool, cache, usage, limiter, prices, observe=metrics.observe)
+        # Metrics need the pool, which the runtime builds: the observer looks
+        # them up when a record arrives.
+        holder: list[GatewayMetrics] = []
+        runtime = await build_runtime(settings, observe=lambda r: holder[0].observe(r))
+        metrics = GatewayMetrics(runtime.pool)
+        holder.append(metrics)
         state = GatewayState(
             settings=settings,
-            engine=engine,
-            pool=pool,
-            cache=cache,
-            usage=usage,
-            limiter=limiter,
-            prices=prices,
-            pipeline=pipeline,
+            engine=runtime.engine,
+            pool=runtime.pool,
+            cache=runtime.cache,
+            usage=runtime.usage,
+            limiter=runtime.limiter,
+            prices=runtime.prices,
+            pipeline=runtime.pipeline,
         )
         state.extras["registry"] = metrics.registry
         state.extras["metrics"] = metrics
+        state.extras["budgets"] = runtime.budgets
         app.state.bearpaw = state
         middleware_metrics[0] = metrics
+        tasks = TaskQueue(settings.celery_broker_url, settings.workers.visibility_timeout_s)
+        state.extras["tasks"] = tasks
+        state.extras["jobs"] = AsyncJobs(state.engine, tasks)
         for hook in STARTUP_HOOKS:
             await hook(app, state)
         log.info("bearpaw ready", extra={"path": settings.db_url})
@@ -76,13 +64,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             state.extras["draining"] = True
-            await pipeline.drain()
-            await usage.close()
-            if cache is not None:
-                await cache.close()
-            await pool.close()
-            if isinstance(counters, RedisCounters):
-                await counters.close()
+            for hook in SHUTDOWN_HOOKS:
+                await hook(app, state)
+            await runtime.close()
+            tasks.close()
 
     app = FastAPI(
         title="Bearpaw",
@@ -93,7 +78,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     middleware_metrics: list = [None]
     install_handlers(app)
-    for router in (inference.router, models.router, admin.router, health.router, *EXTRA_ROUTERS):
+    for router in (
+        inference.router,
+        models.router,
+        admin.router,
+        reports.router,
+        health.router,
+        files.router,
+        batches.router,
+        jobs.router,
+        *EXTRA_ROUTERS,
+    ):
         app.include_router(router)
     app.add_middleware(_LazyRequestId, holder=middleware_metrics)
     return app

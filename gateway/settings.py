@@ -42,6 +42,18 @@ class WorkerSettings(BaseModel):
     # Batch/async pacing: hold new batch lines while backends have this many
     # interactive requests waiting.
     backfill_max_waiting: float = 1.0
+    # How long a batch line waits at most for the backends' queue to drain
+    # before it goes anyway (batch work must still make progress).
+    backfill_max_wait_s: float = 5.0
+    # Batch lines of one batch in flight at once, per worker process.
+    batch_concurrency: int = 16
+    # Lines one batch task claims before handing the rest to a fresh task.
+    batch_chunk_lines: int = 256
+    # A claim on a line or job: a worker killed mid-work leaves its claim,
+    # which another worker may take once it has run out.
+    claim_seconds: float = 120.0
+    # Redis: an unacknowledged task message is redelivered after this long.
+    visibility_timeout_s: float = 3600.0
 
 
 class YamlFileSource(PydanticBaseSettingsSource):

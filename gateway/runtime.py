@@ -1,0 +1,83 @@
+"""The objects a request needs to run (pool, cache, metering, limits, prices,
+pipeline), built the same way for the gateway and for the workers, so a batch
+line meets exactly the cache and metering an interactive request does."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy.engine import Engine
+
+from backends.pool import ReplicaPool
+from cache.semantic_cache import SemanticCache
+from gateway.budgets import BudgetGuard, build_budget_guard, close_budget_guard
+from gateway.db import UsageRecord, get_engine, migrate
+from gateway.limits import Limiter, MemoryCounters, RedisCounters
+from gateway.pipeline import Pipeline
+from gateway.pricing import PriceBook
+from gateway.settings import Settings
+from gateway.usage_writer import UsageWriter
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: Engine
+    pool: ReplicaPool
+    cache: SemanticCache | None
+    usage: UsageWriter
+    counters: MemoryCounters | RedisCounters
+    limiter: Limiter
+    prices: PriceBook
+    pipeline: Pipeline
+    budgets: BudgetGuard
+
+    async def close(self) -> None:
+        await self.pipeline.drain()
+        await close_budget_guard(self.budgets)
+        await self.usage.close()
+        if self.cache is not None:
+            await self.cache.close()
+        await self.pool.close()
+        if isinstance(self.counters, RedisCounters):
+            await self.counters.close()
+
+
+async def build_runtime(
+    settings: Settings, observe: Callable[[UsageRecord], None] | None = None
+) -> Runtime:
+    """Migrates the database and starts everything; call `close()` when done.
+
+    `observe` sees every usage record after it is written (gateway metrics)."""
+    settings.ensure_dirs()
+    migrate(settings.db_url)
+    engine = get_engine(settings.db_url)
+    pool = ReplicaPool(settings.backends)
+    await pool.start()
+    cache = None
+    if settings.cache.enabled:
+        cache = SemanticCache(settings.cache, engine)
+        await cache.start()
+    usage = UsageWriter(engine)
+    usage.start()
+    counters: MemoryCounters | RedisCounters
+    if settings.limits.redis_url:
+        counters = RedisCounters(settings.limits.redis_url)
+    else:
+        counters = MemoryCounters()
+    limiter = Limiter(counters, settings.limits.default_rpm, settings.limits.default_tpm)
+    prices = PriceBook(settings.prices)
+    budgets = build_budget_guard(
+        settings.limits.redis_url, engine, settings.limits.budget_refresh_s
+    )
+
+    def observed(record: UsageRecord) -> None:
+        budgets.observe(record)  # keeps month-to-date spend current
+        if observe is not None:
+            observe(record)
+
+    pipeline = Pipeline(pool, cache, usage, limiter, prices, budget_check=budgets, observe=observed)
+    return Runtime(
+        settings, engine, pool, cache, usage, counters, limiter, prices, pipeline, budgets
+    )

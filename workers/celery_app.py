@@ -1,0 +1,74 @@
+"""The Celery app of the workers: `celery -A workers.celery_app worker`.
+
+Task design follows Celery's advice for work that must not be lost: messages
+carry only ids, tasks are idempotent (their state is in the database), acks
+are late and a task whose worker died is rejected back to the queue, and each
+worker process takes one message at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
+
+from gateway.async_jobs import unfinished_job_ids
+from gateway.batch_store import active_batch_ids
+from gateway.db import get_engine, migrate
+from gateway.settings import get_settings
+from gateway.task_queue import RUN_BATCH, RUN_JOB, broker_options
+
+log = logging.getLogger("bearpaw.workers")
+
+settings = get_settings()
+
+app = Celery("bearpaw", broker=settings.celery_broker_url, include=["workers.tasks"])
+app.conf.update(
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    task_ignore_result=True,
+    broker_connection_retry_on_startup=True,
+    broker_transport_options=broker_options(
+        settings.celery_broker_url, settings.workers.visibility_timeout_s
+    ),
+    worker_hijack_root_logger=False,
+)
+
+
+@worker_ready.connect
+def _recover(**_: Any) -> None:
+    """Re-queues every unfinished batch and job at start-up.
+
+    A worker killed outright (SIGKILL, lost node) may take its unacknowledged
+    message with it (the embedded broker keeps none; Redis gives it back only
+    after the visibility timeout). Runs are idempotent and settle races in the
+    database, so an extra run costs nothing but a look.
+    """
+    settings.ensure_dirs()
+    migrate(settings.db_url)
+    engine = get_engine(settings.db_url)
+    batches = active_batch_ids(engine)
+    jobs = unfinished_job_ids(engine)
+    for batch_id in batches:
+        app.send_task(RUN_BATCH, args=[batch_id])
+    for job_id in jobs:
+        app.send_task(RUN_JOB, args=[job_id])
+    if batches or jobs:
+        log.info("re-queued %d batches and %d jobs", len(batches), len(jobs))
+    # The forked pool processes must not share this process's connections.
+    engine.dispose()
+
+
+@worker_process_init.connect
+def _fresh_connections(**_: Any) -> None:
+    get_engine(settings.db_url).dispose(close=False)
+
+
+@worker_process_shutdown.connect
+def _close_runtime(**_: Any) -> None:
+    from workers.runtime import shutdown
+
+    shutdown()
