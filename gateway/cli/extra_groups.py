@@ -6,8 +6,10 @@ import typer
 
 
 def groups() -> list[tuple[str, typer.Typer]]:
+    from gateway.cli.batch import batch_app
     from gateway.cli.pricing import pricing_app
     from gateway.cli.report import report_app
 
     found: list[tuple[str, typer.Typer]] = [("report", report_app), ("pricing", pricing_app)]
+    found.append(("batch", batch_app))
     return found
