@@ -96,3 +96,36 @@ def fault_server(fault_server_session: FaultServer) -> Iterator[FaultServer]:
     fault_server_session.reset()
     yield fault_server_session
     fault_server_session.reset()
+
+
+# =====================================================================================
+# 4. gateway + Celery worker processes (async jobs and batches)
+# =====================================================================================
+
+# A Redis database of its own, flushed at the start, so queued tasks of an earlier
+# run cannot reach this session's worker.
+BATCH_REDIS_URL = os.environ.get("BEARPAW_TEST_BROKER", "redis://127.0.0.1:6379/11")
+
+
+@pytest.fixture(scope="session")
+def bearpaw_stack(tmp_path_factory: pytest.TempPathFactory, vllm_server: VllmServer):
+    """A real gateway and a real worker (Redis broker) in front of ``vllm_server``.
+
+    Claims run out after 10 s so that lines of a SIGKILLed worker are retaken soon.
+    A test that kills ``bearpaw_stack.worker`` calls ``ensure_worker()`` before it ends.
+    """
+    import redis
+
+    from tests.support.processes import BearpawStack
+
+    redis.Redis.from_url(BATCH_REDIS_URL).flushdb()
+    stack = BearpawStack(
+        tmp_path_factory.mktemp("bearpaw-stack"),
+        vllm_server.base_url,
+        BATCH_REDIS_URL,
+        BEARPAW_WORKERS__CLAIM_SECONDS="10",
+        BEARPAW_WORKERS__BATCH_CHUNK_LINES="200",
+        BEARPAW_WORKERS__VISIBILITY_TIMEOUT_S="60",
+    ).start()
+    yield stack
+    stack.stop()

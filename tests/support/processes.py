@@ -198,3 +198,36 @@ class WorkerProcess(_Child):
             time.sleep(0.3)
         self.kill()
         raise RuntimeError(f"worker not ready in {timeout}s:\n{self.log_tail()}")
+
+
+class BearpawStack:
+    """A gateway and a worker on one data dir and broker, with two tenants' keys."""
+
+    def __init__(self, data_dir: Path, backend_url: str, broker_url: str | None, **env: str):
+        from gateway.db import get_engine, migrate
+        from gateway.tenants import create_key, create_tenant
+
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.env = bearpaw_env(data_dir, backend_url, broker_url, **env)
+        self.db_url = f"sqlite:///{(data_dir / 'bearpaw.db').resolve()}"
+        migrate(self.db_url)
+        self.engine = get_engine(self.db_url)
+        create_tenant(self.engine, "acme")
+        create_tenant(self.engine, "globex")
+        self.api_key = create_key(self.engine, "acme").secret
+        self.other_key = create_key(self.engine, "globex").secret
+        self.gateway = GatewayProcess(self.env)
+        self.worker = WorkerProcess(self.env)
+
+    def start(self) -> BearpawStack:
+        self.gateway.start()
+        self.worker.start()
+        return self
+
+    def stop(self) -> None:
+        self.worker.stop()
+        self.gateway.stop()
+
+    def ensure_worker(self) -> None:
+        if not self.worker.alive():
+            self.worker.start()
