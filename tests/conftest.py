@@ -24,7 +24,7 @@ from tests.support.vllm_server import VllmServer, start_servers, vllm_python
 
 # Fixtures that start real vLLM servers; tests using them (directly or through another
 # fixture) get the `vllm` marker, so `pytest -m "not vllm"` is the fast lane.
-VLLM_FIXTURES = {"vllm_server", "vllm_pair"}
+VLLM_FIXTURES = {"vllm_server", "vllm_pair", "vllm_pair_session"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -62,19 +62,29 @@ def vllm_server() -> Iterator[VllmServer]:
 
 
 @pytest.fixture(scope="session")
-def vllm_pair() -> Iterator[tuple[VllmServer, VllmServer]]:
-    """Two more real vLLM servers (both serve ``tiny``) for routing and failover tests.
-
-    Started side by side, only when a test asks. A test that ``kill()``s one must bring
-    it back before it ends (``server.ensure_running(pin=True)``, same port, ~20 s) so
-    that later tests get two live replicas.
-    """
+def vllm_pair_session() -> Iterator[tuple[VllmServer, VllmServer]]:
+    """Two more real vLLM servers (both serve ``tiny``), started side by side when first
+    needed and kept for the session. Tests use ``vllm_pair``."""
     _require_vllm()
     pair = (VllmServer(served_model_name="tiny"), VllmServer(served_model_name="tiny"))
     start_servers(pair, pin=True)
     yield pair
     for server in pair:
         server.stop()
+
+
+@pytest.fixture
+def vllm_pair(vllm_pair_session) -> tuple[VllmServer, VllmServer]:
+    """Two live vLLM replicas for routing and failover tests; free to ``kill()``.
+
+    Before each test, a replica an earlier test killed is started again on its old port
+    (about 20 s, longer on a busy machine); a healthy pair costs two /health calls.
+    Killing tests should still restore in ``finally`` (``ensure_running(pin=True)``) so
+    that the restart is not billed to an unrelated test.
+    """
+    for server in vllm_pair_session:
+        server.ensure_running(pin=True)
+    return vllm_pair_session
 
 
 # =====================================================================================

@@ -197,7 +197,7 @@ class VllmServer:
         self.extra_args = tuple(extra_args)
         self.model_dir = Path(model_dir) if model_dir else None
         self.startup_timeout = startup_timeout or float(
-            os.environ.get("BEARPAW_VLLM_START_TIMEOUT", "180")
+            os.environ.get("BEARPAW_VLLM_START_TIMEOUT", "300")
         )
         self.extra_env = dict(env or {})
         self.log_path = Path(log_path) if log_path else None
@@ -384,6 +384,7 @@ class VllmServer:
         Returns the PIDs signalled. With SIGKILL this waits until they are all gone.
         """
         pids = self.pids()
+        shared_memory = _shared_memory_files(pids)
         for pid in pids:
             try:
                 os.kill(pid, sig)
@@ -396,6 +397,7 @@ class VllmServer:
                     self._process.wait(timeout=5)
                 except subprocess.TimeoutExpired:
                     pass
+            _unlink_all(shared_memory)
         return pids
 
     def stop(self, timeout: float = 20.0) -> None:
@@ -403,6 +405,7 @@ class VllmServer:
         if self._process is None:
             return
         pids = self.pids()
+        shared_memory = _shared_memory_files(pids)
         if self._process.poll() is None:
             try:
                 self._process.send_signal(signal.SIGTERM)
@@ -419,6 +422,7 @@ class VllmServer:
             self._process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             pass
+        _unlink_all(shared_memory)
         self._close_log()
 
     def _wait_gone(self, pids: Iterable[int], timeout: float) -> list[int]:
@@ -473,6 +477,33 @@ class VllmServer:
     def __repr__(self) -> str:
         state = "running" if self.is_running() else "stopped"
         return f"VllmServer(port={self.port}, model={self.served_model_name!r}, {state})"
+
+
+def _shared_memory_files(pids: Iterable[int]) -> set[str]:
+    """/dev/shm segments the processes have mapped (vLLM's message queues).
+
+    A killed engine cannot unlink them, and each is a few hundred MB of tmpfs address
+    space; the server's own processes are the only users, so they go when it dies.
+    """
+    found = set()
+    for pid in pids:
+        try:
+            maps = Path(f"/proc/{pid}/maps").read_text()
+        except OSError:
+            continue
+        for line in maps.splitlines():
+            path = line.split(maxsplit=5)[-1] if line.count(" ") >= 5 else ""
+            if path.startswith("/dev/shm/"):
+                found.add(path.removesuffix(" (deleted)"))
+    return found
+
+
+def _unlink_all(paths: Iterable[str]) -> None:
+    for path in paths:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def _alive(pid: int) -> bool:
