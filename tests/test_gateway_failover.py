@@ -12,6 +12,7 @@ import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
+from tests.support.fault_server import FaultServer
 from tests.support.gateway_process import GatewayProcess
 
 MSG = [{"role": "user", "content": "tell me something"}]
@@ -58,10 +59,17 @@ async def test_killing_one_of_two_replicas_loses_no_request(vllm_pair, tmp_path)
 
 
 @pytest.fixture
-def fault_gateway(fault_server, tmp_path):
+def second_fault_server():
+    server = FaultServer(models=("tiny",)).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fault_gateway(fault_server, second_fault_server, tmp_path):
     gw = GatewayProcess(
         tmp_path,
-        backends=[fault_server.base_url],
+        backends=[fault_server.base_url, second_fault_server.base_url],
         env={
             "BEARPAW_CACHE__ENABLED": "false",
             "BEARPAW_BACKENDS__READ_TIMEOUT": "1.5",
@@ -75,9 +83,10 @@ def fault_gateway(fault_server, tmp_path):
     gw.stop()
 
 
-def test_upstream_timeout_is_504(fault_gateway, fault_server):
+def test_upstream_timeout_is_504(fault_gateway, fault_server, second_fault_server):
     _, client = fault_gateway
     fault_server.set_fault("hang")
+    second_fault_server.set_fault("hang")
     started = time.monotonic()
     with pytest.raises(openai.APIStatusError) as exc:
         client.chat.completions.create(model="tiny", messages=MSG, max_tokens=4)
@@ -86,26 +95,36 @@ def test_upstream_timeout_is_504(fault_gateway, fault_server):
     assert time.monotonic() - started < 25
 
 
-def test_transient_5xx_is_retried(fault_gateway, fault_server):
+def test_5xx_is_retried_on_the_other_replica(fault_gateway, fault_server, second_fault_server):
     _, client = fault_gateway
-    fault_server.set_fault("status", status=503, times=1)
-    r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=4)
-    assert r.choices[0].message.content
-    assert fault_server.request_count("/v1/chat/completions") == 2
+    fault_server.set_fault("status", status=503)
+    # Every request succeeds: those routed first to the failing replica are
+    # retried on the healthy one before any byte reaches the client.
+    for i in range(6):
+        r = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": f"q{i}"}], max_tokens=4
+        )
+        assert r.choices[0].message.content
+    failed = fault_server.request_count("/v1/chat/completions")
+    served = second_fault_server.request_count("/v1/chat/completions")
+    assert failed >= 1
+    assert served == 6
 
 
-def test_backend_down_is_openai_error(fault_gateway, fault_server):
+def test_backend_down_is_openai_error(fault_gateway, fault_server, second_fault_server):
     _, client = fault_gateway
     fault_server.set_fault("status", status=500)
+    second_fault_server.set_fault("status", status=500)
     with pytest.raises(openai.InternalServerError) as exc:
         client.chat.completions.create(model="tiny", messages=MSG, max_tokens=4)
     assert exc.value.status_code in (500, 502)
     assert "message" in exc.value.body
 
 
-def test_dropped_stream_ends_with_an_error_event(fault_gateway, fault_server):
+def test_dropped_stream_ends_with_an_error_event(fault_gateway, fault_server, second_fault_server):
     _, client = fault_gateway
     fault_server.set_fault("drop_stream", after_chunks=2)
+    second_fault_server.set_fault("drop_stream", after_chunks=2)
     with pytest.raises(openai.APIError):
         for _ in client.chat.completions.create(
             model="tiny", messages=MSG, max_tokens=8, stream=True
