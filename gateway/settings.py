@@ -20,6 +20,7 @@ from pydantic_settings import (
 )
 
 from backends.config import BackendSettings
+from backends.launch import LaunchProfile
 from cache.config import CacheSettings
 from gateway.pricing import PriceSettings
 
@@ -104,6 +105,8 @@ class Settings(BaseSettings):
     limits: LimitSettings = Field(default_factory=LimitSettings)
     workers: WorkerSettings = Field(default_factory=WorkerSettings)
     prices: PriceSettings = Field(default_factory=PriceSettings)
+    # vLLM servers `bearpaw backends launch` starts and supervises.
+    launch: list[LaunchProfile] = Field(default_factory=list)
 
     @classmethod
     def settings_customise_sources(
