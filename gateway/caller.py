@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from cache.policy import CachePolicy
@@ -64,4 +64,7 @@ class Caller:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Caller:
-        return cls(**data)
+        # Jobs and batches store this snapshot; ignore fields a newer or older
+        # release wrote so that queued work survives an upgrade.
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
