@@ -11,10 +11,11 @@ from fastapi import FastAPI
 from gateway.async_jobs import AsyncJobs
 from gateway.errors import install_handlers
 from gateway.middleware import RequestIdMiddleware
-from gateway.observability import GatewayMetrics, configure_logging
+from gateway.observability import GatewayMetrics, QueueDepthPoller, configure_logging
 from gateway.routes import admin, batches, files, health, inference, jobs, models, reports
 from gateway.runtime import build_runtime
 from gateway.settings import Settings, get_settings
+from gateway.shutdown import install_drain
 from gateway.state import GatewayState
 from gateway.task_queue import TaskQueue
 
@@ -37,8 +38,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # them up when a record arrives.
         holder: list[GatewayMetrics] = []
         runtime = await build_runtime(settings, observe=lambda r: holder[0].observe(r))
-        metrics = GatewayMetrics(runtime.pool)
+        metrics = GatewayMetrics(runtime.pool, cache=runtime.cache)
         holder.append(metrics)
+        queue_depth = QueueDepthPoller(runtime.engine)
+        queue_depth.start()
+        metrics.set_queue_depth(queue_depth)
         state = GatewayState(
             settings=settings,
             engine=runtime.engine,
@@ -59,11 +63,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.extras["jobs"] = AsyncJobs(state.engine, tasks)
         for hook in STARTUP_HOOKS:
             await hook(app, state)
+        # SIGTERM flips /ready to 503 before uvicorn stops accepting (drain).
+        restore_signals = install_drain(state.extras)
         log.info("bearpaw ready", extra={"path": settings.db_url})
         try:
             yield
         finally:
             state.extras["draining"] = True
+            restore_signals()
+            await queue_depth.close()
             for hook in SHUTDOWN_HOOKS:
                 await hook(app, state)
             await runtime.close()

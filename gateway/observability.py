@@ -2,23 +2,42 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from sqlalchemy import func
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
 
 from gateway.db import UsageRecord
+
+log = logging.getLogger("bearpaw.metrics")
+
+# A queue-depth source returns one number, or one number per kind of work.
+QueueDepth = Callable[[], "float | dict[str, float]"]
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 class GatewayMetrics:
-    def __init__(self, pool: Any = None, queue_depth: Any = None) -> None:
+    """The gateway's Prometheus registry.
+
+    ``pool`` adds per-replica health and load read at scrape time;
+    ``queue_depth`` (or ``set_queue_depth`` later) adds the async/batch
+    backlog; ``cache`` (anything with ``stats()``) adds the semantic cache's
+    own counters. Scrape-time sources must be cheap and non-blocking: they run
+    on the event loop inside /metrics."""
+
+    def __init__(
+        self, pool: Any = None, queue_depth: QueueDepth | None = None, cache: Any = None
+    ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -48,13 +67,29 @@ class GatewayMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.cache_outcomes = Counter(
+            "bearpaw_cache_requests_total",
+            "Cacheable-endpoint requests by cache outcome (hit, miss, bypass)",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.queue_depth: QueueDepth | None = queue_depth
         if pool is not None:
-            r.register(_PoolCollector(pool, queue_depth))
+            r.register(_PoolCollector(pool))
+        r.register(_QueueCollector(self))
+        if cache is not None:
+            r.register(_CacheCollector(cache))
+
+    def set_queue_depth(self, source: QueueDepth | None) -> None:
+        """Installs the async-queue depth source (the workers' side provides it)."""
+        self.queue_depth = source
 
     def observe(self, rec: UsageRecord) -> None:
         self.requests.labels(
             rec.endpoint, rec.model, str(rec.status_code), rec.cache, rec.source
         ).inc()
+        if rec.endpoint != "embeddings":
+            self.cache_outcomes.labels(rec.model, rec.cache).inc()
         self.latency.labels(rec.endpoint, rec.cache).observe(rec.latency_ms / 1000.0)
         if rec.cache == "hit":
             self.tokens.labels(rec.model, "cached").inc(rec.cached_tokens)
@@ -71,9 +106,8 @@ class _PoolCollector:
     """Per-replica health and load, read from the pool at scrape time: the
     signals an autoscaler needs."""
 
-    def __init__(self, pool: Any, queue_depth: Any) -> None:
+    def __init__(self, pool: Any) -> None:
         self.pool = pool
-        self.queue_depth = queue_depth
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         def gauge(name: str, doc: str) -> GaugeMetricFamily:
@@ -101,12 +135,122 @@ class _PoolCollector:
         for model, value in per_model.items():
             depth.add_metric([model], value)
         yield from (healthy, outstanding, running, waiting, kv, depth)
-        if self.queue_depth is not None:
-            jobs = GaugeMetricFamily(
-                "bearpaw_async_queue_depth", "Async jobs and batch lines not yet run"
+        held_by_model = getattr(self.pool, "held", None)
+        if held_by_model is not None:
+            held = GaugeMetricFamily(
+                "bearpaw_requests_held",
+                "Requests held until a replica of their model is ready (scale-to-zero)",
+                labels=["model"],
             )
-            jobs.add_metric([], float(self.queue_depth()))
-            yield jobs
+            for model, value in held_by_model().items():
+                held.add_metric([model], float(value))
+            yield held
+
+
+class _QueueCollector:
+    """The async backlog (jobs and batch lines not yet run), from whatever
+    source was installed; absent until one is."""
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        source = self.metrics.queue_depth
+        if source is None:
+            return
+        try:
+            value = source()
+        except Exception:  # a broken source must not break the whole scrape
+            log.exception("queue depth source failed")
+            return
+        family = GaugeMetricFamily(
+            "bearpaw_async_queue_depth", "Async jobs and batch lines not yet run", labels=["kind"]
+        )
+        items = value.items() if isinstance(value, dict) else [("all", value)]
+        for kind, n in items:
+            family.add_metric([str(kind)], float(n))
+        yield family
+
+
+class _CacheCollector:
+    """The semantic cache's own counters (layers, verifier, evictions), which
+    the per-request outcome counter cannot see."""
+
+    def __init__(self, cache: Any) -> None:
+        self.cache = cache
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        stats = self.cache.stats()
+        entries = GaugeMetricFamily("bearpaw_cache_entries", "Entries in the semantic cache")
+        entries.add_metric([], float(stats.get("entries", 0)))
+        yield entries
+        events = CounterMetricFamily(
+            "bearpaw_cache_events", "Semantic cache events by kind", labels=["event"]
+        )
+        for name in (
+            "hits_exact",
+            "hits_semantic",
+            "misses",
+            "stores",
+            "verifier_rejections",
+            "evictions",
+            "expirations",
+        ):
+            if name in stats:
+                events.add_metric([name], float(stats[name]))
+        yield events
+
+
+class QueueDepthPoller:
+    """Counts the async backlog in the database every few seconds, off the
+    event loop, so /metrics reads a number instead of running a query."""
+
+    def __init__(self, engine: Engine, interval: float = 5.0) -> None:
+        self.engine = engine
+        self.interval = interval
+        self.value: dict[str, float] = {"job": 0.0, "batch_line": 0.0}
+        self._task: asyncio.Task[None] | None = None
+
+    def __call__(self) -> dict[str, float]:
+        return self.value
+
+    def count(self) -> dict[str, float]:
+        # Imported here: the tables belong to the jobs/batches side.
+        from gateway.db.batches import BatchLine
+        from gateway.db.jobs import Job
+
+        with Session(self.engine) as s:
+            jobs = s.exec(
+                select(func.count())
+                .select_from(Job)
+                .where(col(Job.status).in_(("queued", "in_progress")))
+            ).one()
+            lines = s.exec(
+                select(func.count())
+                .select_from(BatchLine)
+                .where(col(BatchLine.status) == "pending")
+            ).one()
+        return {"job": float(jobs), "batch_line": float(lines)}
+
+    async def refresh(self) -> None:
+        self.value = await asyncio.to_thread(self.count)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="queue-depth")
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except Exception:  # keep polling; the gauge keeps its last value
+                log.warning("queue depth poll failed", exc_info=True)
+            await asyncio.sleep(self.interval)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
 
 
 class JsonFormatter(logging.Formatter):

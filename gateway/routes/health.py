@@ -18,7 +18,8 @@ async def health() -> dict:
 async def ready(request: Request) -> JSONResponse:
     state = request.app.state.bearpaw
     replicas = state.pool.snapshot()
-    healthy = [r for r in replicas if r.get("healthy")]
+    # "ready" is healthy with a breaker that is not open: what routing uses.
+    healthy = [r for r in replicas if r.get("ready", r.get("healthy"))]
     draining = state.extras.get("draining", False)
     ok = bool(healthy) and not draining
     body = {
