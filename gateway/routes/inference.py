@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Awaitable
 
+import orjson
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
-from gateway.auth import CallerDep
+from gateway.auth import require_caller
 from gateway.caller import Caller
 from gateway.errors import APIError
 from gateway.pipeline import Call, Outcome
@@ -50,21 +51,31 @@ async def _handle(request: Request, caller: Caller, endpoint: str) -> Response:
     return to_response(outcome)
 
 
-async def _until_disconnect(request: Request, work: Any) -> Outcome:
+async def _until_disconnect(request: Request, work: Awaitable[Outcome]) -> Outcome:
     """Runs the pipeline, cancelling it (and so the upstream request) if the
-    client hangs up first."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    client hangs up first.
+
+    The pipeline runs in this task and only the watcher is a task of its own:
+    one task and no `asyncio.wait` per request, which the profile showed to be
+    a visible share of a cheap request's cost."""
+    me = asyncio.current_task()
+    assert me is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        await _wait_disconnect(request)
+        gone = True
+        me.cancel()
+
+    watcher = asyncio.get_running_loop().create_task(watch())
     try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task not in done:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-            return Outcome(499, None)
-        return task.result()
+        return await work
+    except asyncio.CancelledError:
+        if not gone:
+            raise  # cancelled from outside (shutdown): not ours to swallow
+        me.uncancel()
+        return Outcome(499, None)
     finally:
         watcher.cancel()
 
@@ -85,19 +96,31 @@ def to_response(outcome: Outcome) -> Response:
         )
     if outcome.body is None:
         return Response(status_code=outcome.status, headers=outcome.headers)
-    return JSONResponse(outcome.body, status_code=outcome.status, headers=outcome.headers)
+    # orjson: several times faster than the stdlib encoder JSONResponse uses,
+    # and the same bytes (compact, UTF-8).
+    return Response(
+        orjson.dumps(outcome.body),
+        status_code=outcome.status,
+        headers=outcome.headers,
+        media_type="application/json",
+    )
+
+
+# Authentication is awaited in the handler rather than declared as a FastAPI
+# dependency: same check, same errors, without the dependency solver's
+# per-request cost on the hottest routes.
 
 
 @router.post("/chat/completions")
-async def chat_completions(request: Request, caller: CallerDep) -> Response:
-    return await _handle(request, caller, "chat.completions")
+async def chat_completions(request: Request) -> Response:
+    return await _handle(request, await require_caller(request), "chat.completions")
 
 
 @router.post("/completions")
-async def completions(request: Request, caller: CallerDep) -> Response:
-    return await _handle(request, caller, "completions")
+async def completions(request: Request) -> Response:
+    return await _handle(request, await require_caller(request), "completions")
 
 
 @router.post("/embeddings")
-async def embeddings(request: Request, caller: CallerDep) -> Response:
-    return await _handle(request, caller, "embeddings")
+async def embeddings(request: Request) -> Response:
+    return await _handle(request, await require_caller(request), "embeddings")
