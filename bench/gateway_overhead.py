@@ -1,0 +1,214 @@
+"""The gateway's own cost: added latency and max RPS against a direct call.
+
+Starts the zero-delay upstream (``bench/upstream.py``) and a real gateway
+process (``uvicorn gateway.main:app``, uvloop + httptools, cache off) in front
+of it, then drives both with ``wrk`` at each concurrency, non-streaming and
+streaming, in the same run. With ``--pin`` (default on a machine with 2+ CPUs)
+the gateway gets a CPU of its own and the upstream and wrk share another, so
+"RPS via gateway" is what one gateway process on one core can do.
+
+    python bench/gateway_overhead.py                 # full table, ~3 minutes
+    python bench/gateway_overhead.py --seconds 5 --concurrency 1,64
+    python bench/gateway_overhead.py --profile out/  # py-spy the gateway at c=64
+
+Columns: p50/p99 of the whole response (for streams: until [DONE]), added p50
+= via p50 - direct p50, and RPS via/direct.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import (  # noqa: E402
+    free_port,
+    markdown_table,
+    start_gateway,
+    start_upstream,
+    wrk,
+)
+
+MESSAGES = [{"role": "user", "content": "Say hello in five words."}]
+
+
+def body(stream: bool) -> str:
+    payload: dict[str, object] = {"model": "bench", "messages": MESSAGES, "max_tokens": 16}
+    if stream:
+        payload["stream"] = True
+    return json.dumps(payload)
+
+
+def profile_gateway(pid: int, seconds: int, out: Path) -> str:
+    """py-spy for `seconds` on the running gateway; returns a top-N summary."""
+    # Installed into the same environment as this interpreter, maybe not on PATH.
+    spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if not spy:
+        return "py-spy not installed (pip install py-spy)"
+    raw = out / "gateway.pyspy.txt"
+    subprocess.run(
+        [
+            spy,
+            "record",
+            "--pid",
+            str(pid),
+            "--duration",
+            str(seconds),
+            "--rate",
+            "500",
+            "--format",
+            "raw",
+            "--output",
+            str(raw),
+            "--nonblocking",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return summarise_collapsed(raw.read_text())
+
+
+def summarise_collapsed(text: str, top: int = 25) -> str:
+    """Self time per function and inclusive time per gateway/backends/cache
+    function, from py-spy's collapsed stacks."""
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in text.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        own[_short(frames[-1])] += n
+        seen: set[str] = set()
+        for frame in frames:
+            name = _short(frame)
+            if any(p in frame for p in ("gateway/", "backends/", "cache/")) and name not in seen:
+                seen.add(name)
+                inclusive[name] += n
+    lines = [f"samples: {total}", "", "self time (top):"]
+    for name, n in own.most_common(top):
+        lines.append(f"  {100 * n / total:5.1f}%  {name}")
+    lines += ["", "inclusive, project code (top):"]
+    for name, n in inclusive.most_common(top):
+        lines.append(f"  {100 * n / total:5.1f}%  {name}")
+    return "\n".join(lines)
+
+
+def _short(frame: str) -> str:
+    # "func (path/to/file.py:123)" -> "func (file.py)"; line numbers split one
+    # function into many rows otherwise.
+    name, _, where = frame.partition(" (")
+    path = where.rstrip(")").rsplit(":", 1)[0]
+    parts = path.split("/")
+    tail = "/".join(parts[-2:]) if len(parts) > 1 else path
+    return f"{name} ({tail})"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--concurrency", default="1,16,64")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--modes", default="json,stream")
+    parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument(
+        "--log-level", default="info", help="gateway log level (info: JSON access log on)"
+    )
+    parser.add_argument("--profile", type=Path, default=None, help="py-spy the gateway, write here")
+    parser.add_argument("--json", type=Path, default=None, help="write the rows as JSON here")
+    args = parser.parse_args(argv)
+
+    cpus = os.cpu_count() or 1
+    pin = args.pin if args.pin is not None else cpus >= 2
+    gw_cpu, load_cpu = ("1", "0") if pin else (None, None)
+    up_port = free_port()
+    upstream = start_upstream(up_port, cpus=load_cpu)
+    models = [
+        {
+            "name": "bench",
+            "replicas": [{"url": f"http://127.0.0.1:{up_port}/v1", "vllm": False}],
+        }
+    ]
+    gateway = start_gateway(models, cache=False, cpus=gw_cpu, log_level=args.log_level)
+    direct_url = f"http://127.0.0.1:{up_port}/v1/chat/completions"
+    via_url = gateway.url + "/chat/completions"
+    rows: list[list[object]] = []
+    records: list[dict[str, object]] = []
+    try:
+        for mode in args.modes.split(","):
+            payload = body(stream=mode == "stream")
+            for c in (int(x) for x in args.concurrency.split(",")):
+                wrk(via_url, payload, c, args.warmup, gateway.key, load_cpu)
+                direct = wrk(direct_url, payload, c, args.seconds, None, load_cpu)
+                via = wrk(via_url, payload, c, args.seconds, gateway.key, load_cpu)
+                rec = {
+                    "mode": mode,
+                    "concurrency": c,
+                    "direct_p50_ms": direct.p50_ms,
+                    "direct_p99_ms": direct.p99_ms,
+                    "via_p50_ms": via.p50_ms,
+                    "via_p99_ms": via.p99_ms,
+                    "added_p50_ms": via.p50_ms - direct.p50_ms,
+                    "direct_rps": direct.rps,
+                    "via_rps": via.rps,
+                    "ratio": via.rps / direct.rps if direct.rps else 0.0,
+                    "errors": direct.errors + via.errors,
+                }
+                records.append(rec)
+                rows.append([mode, *list(rec.values())[1:]])
+                print(json.dumps(rec), flush=True)
+        if args.profile:
+            args.profile.mkdir(parents=True, exist_ok=True)
+            payload = body(stream=False)
+            loader = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    "import sys; sys.path.insert(0, 'bench'); from harness import wrk; "
+                    f"wrk({via_url!r}, {payload!r}, 64, 14, {gateway.key!r}, {load_cpu!r})",
+                ],
+                cwd=Path(__file__).resolve().parent.parent,
+            )
+            time.sleep(2)
+            summary = profile_gateway(gateway.proc.popen.pid, 10, args.profile)
+            loader.wait()
+            (args.profile / "summary.txt").write_text(summary)
+            print("\n" + summary)
+    finally:
+        gateway.stop()
+        upstream.stop()
+    headers = [
+        "mode",
+        "conc.",
+        "direct p50 ms",
+        "direct p99 ms",
+        "via p50 ms",
+        "via p99 ms",
+        "added p50 ms",
+        "direct RPS",
+        "via RPS",
+        "via/direct",
+        "errors",
+    ]
+    print(
+        f"\ngateway pinned to CPU {gw_cpu}, upstream+wrk to CPU {load_cpu}; "
+        f"{cpus} CPUs; {args.seconds:.0f}s per cell; log level {args.log_level}\n"
+    )
+    print(markdown_table(headers, rows))
+    if args.json:
+        args.json.write_text(json.dumps(records, indent=2))
+
+
+if __name__ == "__main__":
+    main()
