@@ -1,8 +1,7 @@
 """A real Bearpaw gateway in its own process (uvicorn), for end-to-end tests.
 
-    gw = GatewayProcess(tmp_path, backends=[vllm.base_url]).start()
-    key = gw.create_key("acme")
-    OpenAI(base_url=gw.base_url, api_key=key)
+Start one with ``GatewayProcess(tmp_path, backends=[vllm.base_url]).start()``, get a
+key with ``create_key("acme")`` and point ``OpenAI(base_url=gw.base_url, ...)`` at it.
 """
 
 from __future__ import annotations
