@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
+import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -28,16 +30,18 @@ def insert_ignoring_duplicates(engine: Engine, rows: Iterable[dict[str, Any]]) -
     rows = list(rows)
     if not rows:
         return
+    with engine.begin() as conn:
+        conn.execute(_insert_statement(engine), rows)
+
+
+def _insert_statement(engine: Engine) -> Any:
     table = UsageRecord.__table__
     dialect = engine.dialect.name
     if dialect == "postgresql":
-        stmt = postgresql.insert(table).on_conflict_do_nothing(index_elements=["request_id"])
-    elif dialect == "sqlite":
-        stmt = sqlite.insert(table).on_conflict_do_nothing(index_elements=["request_id"])
-    else:  # pragma: no cover - other databases are not supported targets
-        stmt = insert(table)
-    with engine.begin() as conn:
-        conn.execute(stmt, rows)
+        return postgresql.insert(table).on_conflict_do_nothing(index_elements=["request_id"])
+    if dialect == "sqlite":
+        return sqlite.insert(table).on_conflict_do_nothing(index_elements=["request_id"])
+    return insert(table)  # other databases are not supported targets
 
 
 def record_row(record: UsageRecord) -> dict[str, Any]:
@@ -45,52 +49,82 @@ def record_row(record: UsageRecord) -> dict[str, Any]:
 
 
 class UsageWriter:
+    """Group commit on one long-lived writer thread.
+
+    The thread keeps one connection open and commits everything that queued
+    up while the previous commit ran; the event loop only enqueues and waits on
+    a future, so no per-request thread hand-off or pool checkout is paid."""
+
+    _STOP = object()
+
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._pending: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._closing = False
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="usage-writer")
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="usage-writer", daemon=True)
+        self._thread.start()
 
     async def write(self, record: UsageRecord) -> None:
         """Returns once the record is committed."""
-        if self._task is None:  # not started (CLI, worker): write directly
+        if self._thread is None:  # not started (CLI, tests): write directly
             await asyncio.to_thread(insert_ignoring_duplicates, self.engine, [record_row(record)])
             return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((record_row(record), fut))
-        self._wake.set()
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._queue.put((record_row(record), fut))
         await asyncio.shield(fut)
 
-    async def _run(self) -> None:
+    def _run(self) -> None:
+        conn = None
+        stmt = _insert_statement(self.engine)
         while True:
-            if not self._pending:
-                if self._closing:
-                    return
-                await self._wake.wait()
-                self._wake.clear()
-                continue
-            batch, self._pending = self._pending, []
+            first = self._queue.get()
+            if first is self._STOP:
+                break
+            batch = [first]
+            stop = False
+            while True:  # everything that queued meanwhile joins this commit
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is self._STOP:
+                    stop = True
+                    break
+                batch.append(item)
+            error: Exception | None = None
             try:
-                await asyncio.to_thread(
-                    insert_ignoring_duplicates, self.engine, [row for row, _ in batch]
-                )
+                if conn is None:
+                    conn = self.engine.connect()
+                conn.execute(stmt, [row for row, _ in batch])
+                conn.commit()
             except Exception as exc:  # keep the writer alive; callers see the failure
                 log.exception("usage write failed")
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                continue
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_result(None)
+                error = exc
+                if conn is not None:
+                    conn.close()
+                    conn = None
+            self._loop.call_soon_threadsafe(_settle, [f for _, f in batch], error)
+            if stop:
+                break
+        if conn is not None:
+            conn.close()
 
     async def close(self) -> None:
-        self._closing = True
-        self._wake.set()
-        if self._task:
-            await self._task
-            self._task = None
+        if self._thread is not None:
+            self._queue.put(self._STOP)
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+
+def _settle(futures: list[asyncio.Future[None]], error: Exception | None) -> None:
+    for fut in futures:
+        if fut.done():
+            continue
+        if error is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(error)
