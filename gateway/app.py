@@ -64,7 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for hook in STARTUP_HOOKS:
             await hook(app, state)
         # SIGTERM flips /ready to 503 before uvicorn stops accepting (drain).
-        restore_signals = install_drain(state.extras)
+        restore_signals = install_drain(state.extras, settings.drain_seconds)
         log.info("bearpaw ready", extra={"path": settings.db_url})
         try:
             yield

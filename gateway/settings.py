@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     # Answer-time limit for a whole request, seconds; backends have their own
     # connect/read timeouts.
     request_timeout: float = 600.0
+    # Seconds between SIGTERM (when /ready turns 503) and closing the listener;
+    # in Kubernetes a little more than the readiness probe's period.
+    drain_seconds: float = Field(default=0.0, ge=0)
 
     backends: BackendSettings = Field(default_factory=BackendSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)

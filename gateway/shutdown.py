@@ -2,7 +2,7 @@
 
 On SIGTERM (or SIGINT) the gateway marks itself draining at once, so /ready
 answers 503 and a load balancer stops sending new work. After
-``BEARPAW_DRAIN_SECONDS`` (default 0: a plain process has no balancer to
+``drain_seconds`` (setting ``BEARPAW_DRAIN_SECONDS``, default 0: a plain process has no balancer to
 wait for; in Kubernetes set it to a little more than the readiness probe's
 period) the signal is handed to uvicorn, which stops accepting connections
 and waits up to its ``timeout_graceful_shutdown`` for in-flight requests,
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 from collections.abc import Callable
 from types import FrameType
@@ -24,20 +23,13 @@ log = logging.getLogger("bearpaw.shutdown")
 Handler = Callable[[int, FrameType | None], Any] | int | None
 
 
-def drain_seconds() -> float:
-    try:
-        return max(0.0, float(os.environ.get("BEARPAW_DRAIN_SECONDS", "0") or 0))
-    except ValueError:
-        return 0.0
-
-
-def install_drain(extras: dict[str, Any], delay: float | None = None) -> Callable[[], None]:
+def install_drain(extras: dict[str, Any], delay: float = 0.0) -> Callable[[], None]:
     """Wraps the SIGTERM/SIGINT handlers that are installed now (uvicorn's,
     when called from the lifespan) and returns a function that restores them.
 
     Must run on the main thread, inside the running event loop."""
     loop = asyncio.get_running_loop()
-    wait = drain_seconds() if delay is None else delay
+    wait = delay
     previous: dict[int, Handler] = {}
 
     def on_signal(sig: int, frame: FrameType | None) -> None:
