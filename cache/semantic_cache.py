@@ -1,0 +1,385 @@
+"""The two-layer response cache: exact key first, then meaning within a namespace.
+
+Memory holds everything needed to answer a lookup (entries, exact keys, FAISS
+indexes), so a hit never waits on the database; the database holds the same
+entries durably and is written on store, purge, eviction and sweep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy.engine import Engine
+
+from cache import store as db
+from cache.config import CacheSettings
+from cache.embedder import BatchEmbedder, Embedder
+from cache.index import SemanticIndex
+from cache.keys import canonical_hash, query_text
+from cache.verifier import Verifier
+
+log = logging.getLogger(__name__)
+
+_RECENT_VECTORS = 1024  # a miss is usually followed by a store of the same query
+
+
+@dataclass
+class CacheHit:
+    response: dict
+    similarity: float
+    layer: str  # "exact" | "semantic"
+    entry_id: str
+    verifier_score: float | None = None
+
+
+@dataclass
+class _Entry:
+    namespace: str
+    tenant: str
+    exact_key: str
+    query: str
+    response: str  # JSON text: parsed per hit so callers can never mutate the cache
+    expires_at: float
+
+
+class SemanticCache:
+    def __init__(
+        self,
+        settings: CacheSettings,
+        engine: Engine,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        # Injectable so TTL behaviour can be tested without sleeping.
+        self._clock = clock
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()  # LRU order, oldest first
+        self._exact: dict[str, str] = {}
+        self._index: SemanticIndex | None = None
+        self._embedder: BatchEmbedder | None = None
+        self._verifier: Verifier | None = None
+        self._recent: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._touched: dict[str, tuple[float, int]] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+        self._write_lock = asyncio.Lock()
+        self._closed_batches = 0
+        self._counters = dict.fromkeys(
+            (
+                "hits_exact",
+                "hits_semantic",
+                "misses",
+                "verifier_rejections",
+                "stores",
+                "evictions",
+                "expirations",
+            ),
+            0,
+        )
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        if self._embedder is not None:
+            return
+        await asyncio.to_thread(db.create_table, self.engine)
+        embedder = await asyncio.to_thread(Embedder, self.settings.embedder, self.settings.device)
+        self._verifier = await asyncio.to_thread(self._load_verifier)
+        self._index = SemanticIndex(embedder.dim, use_gpu=self.settings.use_gpu)
+        await self._rebuild(embedder)
+        self._embedder = BatchEmbedder(
+            embedder, self.settings.batch_max_size, self.settings.batch_max_wait_ms
+        )
+        await self._embedder.start()
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="bearpaw-cache-sweeper")
+
+    def _load_verifier(self) -> Verifier | None:
+        path = self.settings.verifier_path
+        try:
+            return Verifier.load(path)
+        except FileNotFoundError:
+            log.warning(
+                "no verifier at %s; semantic hits need cosine >= %.2f",
+                path or "cache/data/verifier.npz",
+                self.settings.fallback_min_similarity,
+            )
+            return None
+
+    async def _rebuild(self, embedder: Embedder) -> None:
+        """Reload unexpired rows; re-embed only rows from another embedding model."""
+        rows = await asyncio.to_thread(lambda: list(db.load_live(self.engine, self._clock())))
+        stale = [
+            r
+            for r in rows
+            if r.model != embedder.name or not r.embedding or len(r.embedding) != 4 * embedder.dim
+        ]
+        fresh_vectors: dict[str, np.ndarray] = {}
+        if stale:
+            vectors = await asyncio.to_thread(embedder.encode, [r.query for r in stale])
+            fresh_vectors = {r.id: vec for r, vec in zip(stale, vectors, strict=True)}
+        for row in rows:
+            vector = fresh_vectors.get(row.id)
+            if vector is None and row.embedding:
+                vector = db.bytes_to_vector(row.embedding)
+            self._remember(
+                row.id,
+                row.namespace,
+                row.tenant,
+                row.exact_key,
+                row.query,
+                row.response,
+                row.expires_at,
+                vector,
+            )
+        # Rows are replayed oldest-hit first, so the OrderedDict is already in LRU order.
+        if len(self._entries) > self.settings.max_entries:
+            await self._evict_over_limit()
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            try:
+                await self._sweeper
+            except asyncio.CancelledError:
+                pass
+            self._sweeper = None
+        await self._flush_hits()
+        if self._embedder is not None:
+            self._closed_batches += self._embedder.batches
+            await self._embedder.close()
+            self._embedder = None
+
+    # -------------------------------------------------------------------- lookup
+
+    async def lookup(
+        self, namespace: str, request: dict, operating_point: str = "balanced"
+    ) -> CacheHit | None:
+        if self._embedder is None or not self.settings.enabled:
+            return None
+        now = self._clock()
+        entry_id = self._exact.get(canonical_hash(namespace, request))
+        if entry_id is not None:
+            entry = self._live_entry(entry_id, now)
+            # The exact key already contains the namespace; the check is belt and braces.
+            if entry is not None and entry.namespace == namespace:
+                self._counters["hits_exact"] += 1
+                return self._hit(entry_id, entry, now, 1.0, "exact", None)
+
+        query = query_text(request).strip()
+        if not query or self._index is None:
+            self._counters["misses"] += 1
+            return None
+        vector = await self._embed(query)
+        candidates = self._index.search(
+            namespace, vector, self.settings.search_k, self.settings.min_similarity
+        )
+        live = [
+            (eid, sim, entry)
+            for eid, sim in candidates
+            if (entry := self._live_entry(eid, self._clock())) is not None
+            and entry.namespace == namespace
+        ]
+        best = self._verify(query, vector, live, operating_point)
+        if best is None:
+            self._counters["misses"] += 1
+            return None
+        eid, sim, entry, score = best
+        self._counters["hits_semantic"] += 1
+        return self._hit(eid, entry, self._clock(), sim, "semantic", score)
+
+    def _verify(
+        self,
+        query: str,
+        vector: np.ndarray,
+        live: list[tuple[str, float, _Entry]],
+        operating_point: str,
+    ) -> tuple[str, float, _Entry, float | None] | None:
+        if not live:
+            return None
+        if self._verifier is None:
+            eid, sim, entry = live[0]
+            if sim >= self.settings.fallback_min_similarity:
+                return eid, sim, entry, None
+            self._counters["verifier_rejections"] += 1
+            return None
+        assert self._index is not None
+        cand_vecs = np.vstack([self._index.vector(eid) for eid, _, _ in live])
+        scores = self._verifier.score(vector, query, cand_vecs, [e.query for _, _, e in live])
+        best = int(np.argmax(scores))
+        if scores[best] < self._verifier.threshold(operating_point):
+            self._counters["verifier_rejections"] += 1
+            return None
+        eid, sim, entry = live[best]
+        return eid, sim, entry, float(scores[best])
+
+    def _live_entry(self, entry_id: str, now: float) -> _Entry | None:
+        entry = self._entries.get(entry_id)
+        if entry is None:
+            return None
+        if entry.expires_at <= now:
+            # Expired entries vanish from memory at once; the sweeper deletes the row.
+            self._forget(entry_id)
+            self._counters["expirations"] += 1
+            return None
+        return entry
+
+    def _hit(
+        self,
+        entry_id: str,
+        entry: _Entry,
+        now: float,
+        sim: float,
+        layer: str,
+        score: float | None,
+    ) -> CacheHit:
+        self._entries.move_to_end(entry_id)
+        _, hits = self._touched.get(entry_id, (now, 0))
+        self._touched[entry_id] = (now, hits + 1)
+        return CacheHit(json.loads(entry.response), sim, layer, entry_id, score)
+
+    async def _embed(self, query: str) -> np.ndarray:
+        vector = self._recent.get(query)
+        if vector is not None:
+            self._recent.move_to_end(query)
+            return vector
+        assert self._embedder is not None
+        vector = await self._embedder.embed(query)
+        self._recent[query] = vector
+        if len(self._recent) > _RECENT_VECTORS:
+            self._recent.popitem(last=False)
+        return vector
+
+    # --------------------------------------------------------------------- store
+
+    async def store(self, namespace: str, request: dict, response: dict, tenant: str) -> None:
+        if self._embedder is None or not self.settings.enabled:
+            return
+        query = query_text(request).strip()
+        vector = await self._embed(query) if query else None
+        now = self._clock()
+        row = db.CacheEntry(
+            id=uuid.uuid4().hex,
+            tenant=tenant,
+            namespace=namespace,
+            exact_key=canonical_hash(namespace, request),
+            query=query,
+            response=json.dumps(response, separators=(",", ":"), ensure_ascii=False),
+            embedding=db.vector_to_bytes(vector) if vector is not None else None,
+            model=self.settings.embedder,
+            created_at=now,
+            expires_at=now + self.settings.ttl_seconds,
+            last_hit_at=now,
+        )
+        async with self._write_lock:
+            replaced = await asyncio.to_thread(db.upsert, self.engine, row)
+            for old in replaced:
+                self._forget(old)
+            old = self._exact.get(row.exact_key)
+            if old is not None:
+                self._forget(old)
+            self._remember(
+                row.id,
+                namespace,
+                tenant,
+                row.exact_key,
+                query,
+                row.response,
+                row.expires_at,
+                vector,
+            )
+            self._counters["stores"] += 1
+            if len(self._entries) > self.settings.max_entries:
+                await self._evict_over_limit()
+
+    def _remember(
+        self,
+        entry_id: str,
+        namespace: str,
+        tenant: str,
+        exact_key: str,
+        query: str,
+        response: str,
+        expires_at: float,
+        vector: np.ndarray | None,
+    ) -> None:
+        self._entries[entry_id] = _Entry(namespace, tenant, exact_key, query, response, expires_at)
+        self._exact[exact_key] = entry_id
+        if vector is not None and self._index is not None:
+            self._index.add(namespace, entry_id, vector)
+
+    def _forget(self, entry_id: str) -> _Entry | None:
+        entry = self._entries.pop(entry_id, None)
+        if entry is None:
+            return None
+        if self._exact.get(entry.exact_key) == entry_id:
+            del self._exact[entry.exact_key]
+        if self._index is not None:
+            self._index.remove(entry_id)
+        self._touched.pop(entry_id, None)
+        return entry
+
+    async def _evict_over_limit(self) -> None:
+        victims = []
+        while len(self._entries) > self.settings.max_entries:
+            entry_id = next(iter(self._entries))  # least recently used
+            self._forget(entry_id)
+            victims.append(entry_id)
+        self._counters["evictions"] += len(victims)
+        await asyncio.to_thread(db.delete_ids, self.engine, victims)
+
+    # ------------------------------------------------------------ maintenance
+
+    async def purge(self, tenant: str) -> int:
+        async with self._write_lock:
+            doomed = [eid for eid, e in self._entries.items() if e.tenant == tenant]
+            for entry_id in doomed:
+                self._forget(entry_id)
+            removed = await asyncio.to_thread(db.delete_tenant, self.engine, tenant)
+        return max(removed, len(doomed))
+
+    async def sweep(self) -> int:
+        """Drop expired entries from memory and database; persist hit bookkeeping."""
+        now = self._clock()
+        async with self._write_lock:
+            expired = [eid for eid, e in self._entries.items() if e.expires_at <= now]
+            for entry_id in expired:
+                self._forget(entry_id)
+            self._counters["expirations"] += len(expired)
+            await asyncio.to_thread(db.delete_expired, self.engine, now)
+        await self._flush_hits()
+        return len(expired)
+
+    async def _flush_hits(self) -> None:
+        touched, self._touched = self._touched, {}
+        if touched:
+            try:
+                await asyncio.to_thread(db.record_hits, self.engine, touched)
+            except Exception:  # bookkeeping only: never let it take the cache down
+                log.exception("could not persist cache hit statistics")
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval_s)
+            try:
+                await self.sweep()
+            except Exception:
+                log.exception("cache sweep failed")
+
+    def stats(self) -> dict:
+        return {
+            "entries": len(self._entries),
+            "namespaces": self._index.namespaces if self._index is not None else 0,
+            "verifier": self._verifier is not None,
+            "embed_batches": self._closed_batches
+            + (self._embedder.batches if self._embedder is not None else 0),
+            **self._counters,
+            "hits": self._counters["hits_exact"] + self._counters["hits_semantic"],
+        }

@@ -1,0 +1,48 @@
+"""FAISS index per namespace: isolation, removal and compaction."""
+
+import numpy as np
+
+from cache.index import SemanticIndex
+
+
+def unit(seed: int, dim: int = 8) -> np.ndarray:
+    v = np.random.default_rng(seed).normal(size=dim).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def test_search_never_crosses_namespaces() -> None:
+    index = SemanticIndex(8)
+    index.add("ns-a", "e1", unit(1))
+    assert index.search("ns-a", unit(1), k=4, min_similarity=0.9)[0][0] == "e1"
+    assert index.search("ns-b", unit(1), k=4, min_similarity=-1.0) == []
+
+
+def test_min_similarity_and_removal() -> None:
+    index = SemanticIndex(8)
+    index.add("ns", "near", unit(1))
+    index.add("ns", "far", -unit(1))
+    found = index.search("ns", unit(1), k=4, min_similarity=0.5)
+    assert [eid for eid, _ in found] == ["near"]
+    index.remove("near")
+    assert index.search("ns", unit(1), k=4, min_similarity=0.5) == []
+    assert len(index) == 1
+
+
+def test_tombstones_are_compacted_and_results_stay_correct() -> None:
+    index = SemanticIndex(8)
+    for i in range(200):
+        index.add("ns", f"e{i}", unit(i))
+    for i in range(150):
+        index.remove(f"e{i}")
+    assert len(index) == 50
+    for i in range(150, 200):
+        found = index.search("ns", unit(i), k=1, min_similarity=0.99)
+        assert found and found[0][0] == f"e{i}"
+        assert np.allclose(index.vector(f"e{i}"), unit(i))
+
+
+def test_last_entry_removed_drops_namespace() -> None:
+    index = SemanticIndex(8)
+    index.add("ns", "e", unit(0))
+    index.remove("e")
+    assert index.namespaces == 0
