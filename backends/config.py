@@ -15,6 +15,10 @@ class ReplicaConfig(BaseModel):
     weight: float = 1.0
     # Whether the server runs vLLM (its /metrics drive routing and backfill).
     vllm: bool = True
+    # Send vLLM's `priority` request field (tenant tier; batch and async work
+    # run at batch priority). Set false for vLLM servers started without
+    # `--scheduling-policy priority` if they reject non-zero priorities.
+    priority: bool = True
 
 
 class ModelConfig(BaseModel):
@@ -26,6 +30,9 @@ class ModelConfig(BaseModel):
     # Hosted fallback/overflow through litellm, e.g. "openai/gpt-4o-mini".
     hosted: str | None = None
     hosted_api_key: str | None = None
+    # Base URL for the hosted provider (litellm's api_base), e.g. another
+    # OpenAI-compatible server reached as "openai/<name>".
+    hosted_api_base: str | None = None
     # Send to `hosted` when every replica is down or saturated.
     overflow: bool = False
     # Held-request bound (seconds) when no replica is ready (scale-to-zero).

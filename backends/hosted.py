@@ -143,6 +143,8 @@ class HostedProvider:
         arguments["drop_params"] = True
         if config.hosted_api_key:
             arguments["api_key"] = config.hosted_api_key
+        if config.hosted_api_base:
+            arguments["api_base"] = config.hosted_api_base
         if timeout is not None:
             arguments["timeout"] = timeout
         return arguments

@@ -476,7 +476,7 @@ class ReplicaPool:
         # A copy: the caller's body is reused for retries, caching and metering.
         payload = dict(body)
         payload["model"] = replica.upstream_model
-        if priority is not None and replica.vllm:
+        if priority is not None and replica.vllm and replica.config.priority:
             payload["priority"] = priority
         return orjson.dumps(payload)
 
@@ -687,6 +687,11 @@ class ReplicaPool:
                     }
                 )
         return rows
+
+    def held(self) -> dict[str, int]:
+        """Requests waiting for a ready replica (scale-to-zero), per model: the
+        signal that tells an autoscaler a model at zero replicas is wanted."""
+        return {name: entry.holders for name, entry in self._entries.items()}
 
     def queue_depth(self, model: str | None = None) -> float:
         """Requests queued upstream: vLLM's waiting count, or our outstanding when stale.

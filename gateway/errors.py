@@ -73,6 +73,9 @@ def from_backend(exc: BackendError) -> APIError:
                 param=_str_or_none(err.get("param")),
                 type=_TYPES.get(exc.status) if exc.status >= 500 else None,
             )
+    # A failure that names itself (no_replica_available after a hold) keeps its code.
+    if exc.code is not None:
+        return APIError(exc.status, exc.message, code=exc.code)
     code = {404: "model_not_found", 503: "backend_unavailable", 504: "upstream_timeout"}
     return APIError(exc.status, exc.message, code=code.get(exc.status, "upstream_error"))
 

@@ -23,7 +23,7 @@ from cache.keys import canonical_hash, namespace_for
 from cache.policy import cache_decision
 from cache.semantic_cache import SemanticCache
 from cache.singleflight import SingleFlight
-from gateway.caller import Caller
+from gateway.caller import TIER_PRIORITY, Caller
 from gateway.db import UsageRecord
 from gateway.errors import APIError, error_body, from_backend
 from gateway.limits import Limiter, estimate_tokens
@@ -196,7 +196,7 @@ class Pipeline:
             meter.model,
             path,
             body,
-            priority=call.caller.priority,
+            priority=request_priority(call),
             affinity_key=affinity_key(body),
         )
         return resp.status, resp.body, resp.replica
@@ -259,7 +259,7 @@ class Pipeline:
             meter.model,
             path,
             body,
-            priority=call.caller.priority,
+            priority=request_priority(call),
             affinity_key=affinity_key(body),
         )
         meter.backend = upstream.replica
@@ -383,6 +383,16 @@ class Pipeline:
     async def drain(self) -> None:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def request_priority(call: Call) -> int:
+    """vLLM priority of a call: its tenant's tier, but never more urgent than
+    batch for work that can wait (batch lines, async jobs), so that work parked
+    by an interactive tenant does not compete with interactive requests."""
+    priority = call.caller.priority
+    if call.source in ("batch", "async"):
+        return max(priority, TIER_PRIORITY["batch"])
+    return priority
 
 
 def affinity_key(body: dict[str, Any], chars: int = 256) -> str | None:
