@@ -93,7 +93,9 @@ def test_release_hangs_ends_a_hanging_request(fault_server: FaultServer):
 
     thread = threading.Thread(target=call)
     thread.start()
-    time.sleep(0.3)
+    deadline = time.monotonic() + 10  # a busy machine may take a while to connect
+    while fault_server.in_flight == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert fault_server.in_flight == 1
     fault_server.release_hangs()
     thread.join(5)
