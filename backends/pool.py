@@ -693,6 +693,26 @@ class ReplicaPool:
         signal that tells an autoscaler a model at zero replicas is wanted."""
         return {name: entry.holders for name, entry in self._entries.items()}
 
+    def foreign_load(self, model: str | None = None) -> float:
+        """Requests at the model's vLLM servers that this process did not send.
+
+        In a worker that is the interactive traffic (and other workers' lines)
+        its batch lines compete with: vLLM's running + waiting at the last
+        scrape, less what this process had in flight then. Stale or missing
+        metrics count as no load, since they cannot tell.
+        """
+        now = time.monotonic()
+        stale_after = self.settings.metrics_stale_seconds
+        mine: dict[str, int] = {}
+        theirs: dict[str, float] = {}
+        for replica in self.replicas(model):
+            metrics = replica.fresh_metrics(now, stale_after)
+            if metrics is None:
+                continue
+            theirs[replica.root] = metrics.running + metrics.waiting
+            mine[replica.root] = mine.get(replica.root, 0) + replica.outstanding_at_scrape
+        return sum(max(0.0, load - mine[root]) for root, load in theirs.items())
+
     def queue_depth(self, model: str | None = None) -> float:
         """Requests queued upstream: vLLM's waiting count, or our outstanding when stale.
 

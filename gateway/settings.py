@@ -48,6 +48,13 @@ class WorkerSettings(BaseModel):
     backfill_max_wait_s: float = 5.0
     # Batch lines of one batch in flight at once, per worker process.
     batch_concurrency: int = 16
+    # Lines in flight while the backends serve requests this worker did not
+    # send (interactive traffic): every extra sequence in a vLLM batch slows
+    # each decoding step, so batch work shrinks to this and fills the valleys.
+    backfill_busy_concurrency: int = 2
+    # How long after the last sign of interactive traffic the busy
+    # concurrency still applies (traffic comes in bursts between scrapes).
+    backfill_quiet_s: float = 3.0
     # Lines one batch task claims before handing the rest to a fresh task.
     batch_chunk_lines: int = 256
     # A claim on a line or job: a worker killed mid-work leaves its claim,

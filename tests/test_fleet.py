@@ -315,3 +315,49 @@ async def test_gateway_routes_to_the_idle_replica(vllm_pair, tmp_path: Path) -> 
                 await asyncio.gather(*load, return_exceptions=True)
     finally:
         gw.stop()
+
+
+# ------------------------------------------------------------------- pacing
+
+
+def test_foreign_load_and_batch_concurrency() -> None:
+    """A worker sees as interactive traffic what vLLM runs beyond its own
+    requests, and shrinks its batch concurrency while (and shortly after) it
+    does."""
+    from types import SimpleNamespace
+
+    from backends.pool import ReplicaPool
+    from backends.vllm_metrics import VllmMetrics
+    from gateway.settings import WorkerSettings
+    from workers.batch_runner import BatchRunner
+
+    pool = ReplicaPool(
+        BackendSettings(
+            discover=[],
+            models=[
+                ModelConfig(
+                    name="tiny",
+                    replicas=[
+                        ReplicaConfig(url="http://127.0.0.1:1/v1"),
+                        ReplicaConfig(url="http://127.0.0.1:2/v1"),
+                    ],
+                )
+            ],
+        )
+    )
+    a, b = pool.replicas("tiny")
+    assert pool.foreign_load("tiny") == 0  # no metrics yet: nothing known
+    a.outstanding = 6  # this worker's lines in flight at A
+    a.set_metrics(VllmMetrics(running=6, waiting=1), time.monotonic())
+    b.set_metrics(VllmMetrics(running=0, waiting=0), time.monotonic())
+    assert pool.foreign_load("tiny") == 1
+
+    cfg = WorkerSettings(batch_concurrency=16, backfill_busy_concurrency=2, backfill_quiet_s=0.3)
+    rt = SimpleNamespace(pool=pool, settings=SimpleNamespace(workers=cfg))
+    runner = BatchRunner(rt, owner="test")  # type: ignore[arg-type]
+    assert runner._concurrency("tiny") == 2
+    a.set_metrics(VllmMetrics(running=6, waiting=0), time.monotonic())
+    assert pool.foreign_load("tiny") == 0
+    assert runner._concurrency("tiny") == 2  # still inside the quiet period
+    time.sleep(0.35)
+    assert runner._concurrency("tiny") == 16  # the valley: full speed

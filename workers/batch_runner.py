@@ -35,6 +35,7 @@ class BatchRunner:
         self.rt = rt
         self.owner = owner
         self.cfg = rt.settings.workers
+        self._busy_until = 0.0
 
     async def _db(self, fn: Any, *args: Any) -> Any:
         return await asyncio.to_thread(fn, *args)
@@ -76,7 +77,7 @@ class BatchRunner:
                 stop = stop or "gone"  # finalized by another run meanwhile
             elif _past(batch):
                 stop = "expired"
-            room = self.cfg.batch_concurrency - len(in_flight)
+            room = self._concurrency(batch.model) - len(in_flight)
             room = min(room, self.cfg.batch_chunk_lines - started)
             lines: list[BatchLine] = []
             if stop is None and room > 0:
@@ -120,6 +121,17 @@ class BatchRunner:
             await self._db(batch_store.finalize, engine, batch.id, "completed")
             log.info("batch %s completed", batch.id)
         return None
+
+    def _concurrency(self, model: str | None) -> int:
+        """Lines to keep in flight: all of batch_concurrency while the backends
+        see nobody else, backfill_busy_concurrency while (and shortly after)
+        they serve requests this worker did not send."""
+        now = time.monotonic()
+        if self.rt.pool.foreign_load(model) >= 1:
+            self._busy_until = now + self.cfg.backfill_quiet_s
+        if now < self._busy_until:
+            return max(1, self.cfg.backfill_busy_concurrency)
+        return self.cfg.batch_concurrency
 
     async def _pace(self, model: str | None, busy: bool) -> None:
         """Backfill: while interactive requests queue at the backends, hold
