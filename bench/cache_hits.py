@@ -133,7 +133,9 @@ async def throughput(
         nonlocal hits
         while queue:
             req = queue.pop()
-            hits += await cache.lookup(namespace_for("bench", "llama", req), req, point) is not None
+            hit = await cache.lookup(namespace_for("bench", "llama", req), req, point)
+            # Not "hits += await ...": that reads hits before the await and loses updates.
+            hits += hit is not None
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
