@@ -66,7 +66,11 @@ async def interactive_load(base_url: str, key: str, n: int, rate: float, max_tok
                 "temperature": 0,
             }
             started = time.perf_counter()
-            r = await client.post(base_url + "/chat/completions", json=body, headers=headers)
+            try:
+                r = await client.post(base_url + "/chat/completions", json=body, headers=headers)
+            except httpx.HTTPError:  # a dropped connection is an error, not a crash
+                errors += 1
+                return
             if r.status_code == 200:
                 latencies.append(time.perf_counter() - started)
             else:
@@ -117,7 +121,12 @@ async def unpaced(base_url: str, key: str, bodies: list[dict], concurrency: int,
         async def loop() -> None:
             while queue:
                 body = queue.pop()
-                r = await client.post(base_url + "/chat/completions", json=body, headers=headers)
+                try:
+                    r = await client.post(
+                        base_url + "/chat/completions", json=body, headers=headers
+                    )
+                except httpx.HTTPError:
+                    continue
                 if r.status_code == 200:
                     done[0] += 1
 
