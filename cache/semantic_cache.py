@@ -69,6 +69,7 @@ class SemanticCache:
         self._verifier: Verifier | None = None
         self._recent: OrderedDict[str, np.ndarray] = OrderedDict()
         self._touched: dict[str, tuple[float, int]] = {}
+        self._stored_at: dict[str, float] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._write_lock = asyncio.Lock()
         self._closed_batches = 0
@@ -295,6 +296,7 @@ class SemanticCache:
                 row.expires_at,
                 vector,
             )
+            self._stored_at[row.id] = time.monotonic()
             self._counters["stores"] += 1
             if len(self._entries) > self.settings.max_entries:
                 await self._evict_over_limit()
@@ -355,7 +357,41 @@ class SemanticCache:
             self._counters["expirations"] += len(expired)
             await asyncio.to_thread(db.delete_expired, self.engine, now)
         await self._flush_hits()
+        await self._sync()
         return len(expired)
+
+    async def _sync(self) -> None:
+        """Converge with the database, which other processes share: forget rows
+        they deleted (a purge from the CLI or another gateway, an eviction) and
+        learn rows they stored, so every process serves the same entries."""
+        started = time.monotonic()
+        rows = await asyncio.to_thread(db.live_ids, self.engine, self._clock())
+        async with self._write_lock:
+            # Entries stored while the query ran are not in its answer yet.
+            recent = {k for k, t in self._stored_at.items() if t >= started}
+            self._stored_at = {k: self._stored_at[k] for k in recent}
+            gone = [eid for eid in self._entries if eid not in rows and eid not in recent]
+            for entry_id in gone:
+                self._forget(entry_id)
+            new = [eid for eid in rows if eid not in self._entries]
+        if new:
+            fresh = await asyncio.to_thread(db.load_ids, self.engine, new)
+            async with self._write_lock:
+                for row in fresh:
+                    if row.id in self._entries or not row.embedding:
+                        continue
+                    if row.exact_key in self._exact:
+                        continue
+                    self._remember(
+                        row.id,
+                        row.namespace,
+                        row.tenant,
+                        row.exact_key,
+                        row.query,
+                        row.response,
+                        row.expires_at,
+                        db.bytes_to_vector(row.embedding),
+                    )
 
     async def _flush_hits(self) -> None:
         touched, self._touched = self._touched, {}

@@ -130,3 +130,20 @@ def record_hits(engine: Engine, touched: dict[str, tuple[float, int]]) -> None:
                 .values(last_hit_at=last_hit_at, hits=CacheEntry.hits + hits)
             )
         session.commit()
+
+
+def live_ids(engine: Engine, now: float) -> set[str]:
+    with Session(engine) as session:
+        return set(session.scalars(select(CacheEntry.id).where(CacheEntry.expires_at > now)))
+
+
+def load_ids(engine: Engine, ids: list[str]) -> list[CacheEntry]:
+    out: list[CacheEntry] = []
+    with Session(engine, expire_on_commit=False) as session:
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            rows = session.scalars(select(CacheEntry).where(CacheEntry.id.in_(chunk)))
+            for row in rows:
+                session.expunge(row)
+                out.append(row)
+    return out

@@ -274,3 +274,34 @@ async def test_restart_keeps_entries_postgres(settings: CacheSettings) -> None:
         await _check_restart(settings, engine)
     finally:
         engine.dispose()
+
+
+async def test_processes_converge_through_the_database(tmp_path):
+    """A purge made elsewhere (CLI, another gateway) and entries stored by another
+    process reach this process's memory at its next sweep."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'shared.db'}")
+    settings = CacheSettings(sweep_interval_s=3600)
+    a, b = SemanticCache(settings, engine), SemanticCache(settings, engine)
+    await a.start()
+    await b.start()
+    try:
+        req = {
+            "model": "m",
+            "temperature": 0,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        }
+        ns = namespace_for("t1", "m", req)
+        answer = {"object": "chat.completion", "choices": [{"message": {"content": "Paris"}}]}
+        await a.store(ns, req, answer, tenant="t1")
+        assert await b.lookup(ns, req) is None  # b has not synced yet
+        await b.sweep()
+        hit = await b.lookup(ns, req)
+        assert hit is not None and hit.response["choices"][0]["message"]["content"] == "Paris"
+        # A purge through another process (here: a) reaches b at its next sweep.
+        assert await a.purge("t1") >= 1
+        assert await b.lookup(ns, req) is not None
+        await b.sweep()
+        assert await b.lookup(ns, req) is None
+    finally:
+        await a.close()
+        await b.close()

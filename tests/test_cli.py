@@ -1,0 +1,69 @@
+"""The `bearpaw` command line, run as a user would (subprocess, own data dir)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "qqp-pairs-dev.jsonl"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def bearpaw(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "BEARPAW_DATA_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli.main", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_tenants_and_keys(tmp_path):
+    r = bearpaw(tmp_path, "tenants", "create", "acme", "--tier", "interactive", "--rpm", "60")
+    assert r.returncode == 0, r.stderr
+    again = bearpaw(tmp_path, "tenants", "create", "acme")
+    assert again.returncode == 1 and "already exists" in again.stderr
+    bad = bearpaw(tmp_path, "tenants", "create", "x", "--tier", "platinum")
+    assert bad.returncode == 1 and "tier must be one of" in bad.stderr
+    created = bearpaw(tmp_path, "keys", "create", "acme", "--name", "ci")
+    assert created.returncode == 0, created.stderr
+    secret = created.stdout.strip().splitlines()[-1]
+    assert secret.startswith("bp-")
+    keys = json.loads(bearpaw(tmp_path, "keys", "list", "--json").stdout)
+    assert len(keys) == 1 and keys[0]["revoked_at"] is None
+    # The secret is shown once: listings carry only its prefix.
+    assert secret not in json.dumps(keys) and secret.startswith(keys[0]["prefix"])
+    assert bearpaw(tmp_path, "keys", "revoke", keys[0]["id"]).returncode == 0
+    keys = json.loads(bearpaw(tmp_path, "keys", "list", "--json").stdout)
+    assert keys[0]["revoked_at"] is not None
+    missing = bearpaw(tmp_path, "keys", "revoke", "key_nope")
+    assert missing.returncode == 1 and "no key" in missing.stderr
+
+
+def test_cache_eval_prints_operating_points(tmp_path):
+    if not DATA.exists():
+        pytest.fail(f"missing {DATA}")
+    sample = tmp_path / "pairs.jsonl"
+    sample.write_text("".join(DATA.read_text().splitlines(keepends=True)[:500]))
+    r = bearpaw(tmp_path, "cache", "eval", str(sample))
+    assert r.returncode == 0, r.stderr
+    for point in ("cosine>=0.90", "strict", "balanced", "aggressive"):
+        assert point in r.stdout
+    assert "held-out" in r.stdout and "recommend" in r.stdout
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"a": "x"}\nnot json\n')
+    r = bearpaw(tmp_path, "cache", "eval", str(bad))
+    assert r.returncode != 0
+
+
+def test_cache_purge_unknown_tenant_is_an_error(tmp_path):
+    r = bearpaw(tmp_path, "cache", "purge", "nobody")
+    assert r.returncode == 1 and "no tenant" in r.stderr
