@@ -145,16 +145,6 @@ class _PoolCollector:
             for model, value in held_by_model().items():
                 held.add_metric([model], float(value))
             yield held
-        held_by_model = getattr(self.pool, "held", None)
-        if held_by_model is not None:
-            held = GaugeMetricFamily(
-                "bearpaw_requests_held",
-                "Requests held until a replica of their model is ready (scale-to-zero)",
-                labels=["model"],
-            )
-            for model, value in held_by_model().items():
-                held.add_metric([model], float(value))
-            yield held
 
 
 class _QueueCollector:
