@@ -91,6 +91,8 @@ class ReplicaPool:
         self._entries: dict[str, _ModelEntry] = {}
         self._names: dict[str, str] = {}  # public name or alias -> canonical name
         self._pending_discovery: list[str] = list(dict.fromkeys(settings.discover))
+        self._discovery_lock = asyncio.Lock()
+        self._last_discovery = 0.0
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
         self._rotation = 0
@@ -187,6 +189,26 @@ class ReplicaPool:
     def resolve(self, model: str) -> str | None:
         return self._names.get(model)
 
+    async def resolve_or_discover(self, model: str) -> str | None:
+        """Like `resolve`, but an unknown name first triggers one more round of
+        discovery while some discovery URL has not answered yet, so requests
+        that arrive while the backends are still starting are not refused as
+        unknown models."""
+        name = self._names.get(model)
+        if name is not None or not self._pending_discovery:
+            return name
+        await self.ensure_discovered()
+        return self._names.get(model)
+
+    async def ensure_discovered(self) -> None:
+        """One discovery round if some URL has not answered yet; rounds are
+        shared by concurrent callers and spaced half a second apart."""
+        if not self._pending_discovery:
+            return
+        async with self._discovery_lock:
+            if self._pending_discovery and time.monotonic() - self._last_discovery >= 0.5:
+                await self._discover_pending()
+
     def replicas(self, model: str | None = None) -> list[Replica]:
         if model is None:
             return [replica for entry in self._entries.values() for replica in entry.replicas]
@@ -204,6 +226,7 @@ class ReplicaPool:
     async def _discover_pending(self) -> None:
         if not self._pending_discovery:
             return
+        self._last_discovery = time.monotonic()
         urls = list(self._pending_discovery)
         results = await asyncio.gather(
             *(
@@ -222,7 +245,8 @@ class ReplicaPool:
                 log.debug("discovery of %s failed: %r", url, result)
                 continue
             self._merge_discovered(url, result)
-            self._pending_discovery.remove(url)
+            if url in self._pending_discovery:  # a concurrent round may have done it
+                self._pending_discovery.remove(url)
 
     def _merge_discovered(self, url: str, models: list[DiscoveredModel]) -> None:
         url = url.rstrip("/")

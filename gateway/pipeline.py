@@ -105,7 +105,7 @@ class Pipeline:
         meter = _Meter(call=call, model=model, stream=bool(call.body.get("stream")))
         headers: dict[str, str] = {"x-request-id": call.request_id}
         try:
-            canonical = self.pool.resolve(model)
+            canonical = await self.pool.resolve_or_discover(model)
             if canonical is None:
                 raise APIError(
                     404,

@@ -594,3 +594,28 @@ async def test_hosted_errors_map_to_backend_errors() -> None:
     with pytest.raises(UpstreamError) as caught:
         await provider.request(config, "/audio/speech", CHAT)
     assert caught.value.status == 400
+
+
+async def test_unknown_model_triggers_discovery_of_a_late_backend() -> None:
+    # The backend starts after the pool: a request for its model must find it
+    # instead of being refused as an unknown model.
+    from tests.support.vllm_server import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    pool = ReplicaPool(BackendSettings(discover=[url], health_interval=3600, connect_timeout=0.5))
+    await pool.start()
+    try:
+        assert pool.resolve("tiny") is None
+        assert await pool.resolve_or_discover("tiny") is None  # still down
+        server = FaultServer(port=port, models=("tiny",)).start()
+        try:
+            await asyncio.sleep(0.6)  # discovery rounds are spaced 0.5 s apart
+            assert await pool.resolve_or_discover("tiny") == "tiny"
+            assert await pool.resolve_or_discover("other") is None
+            response = await pool.request("tiny", "/chat/completions", {"messages": []})
+            assert response.status == 200
+        finally:
+            server.stop()
+    finally:
+        await pool.close()

@@ -8,9 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "qqp-pairs-dev.jsonl"
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -48,11 +45,26 @@ def test_tenants_and_keys(tmp_path):
     assert missing.returncode == 1 and "no key" in missing.stderr
 
 
+PAIRS = [
+    ("How do I learn to play the guitar quickly?", "How can I learn guitar fast?", True),
+    ("How do I learn Python?", "How do I learn Java?", False),
+    ("What is the capital of France?", "What's the capital city of France?", True),
+    ("What is 2 + 2?", "What is 2 + 3?", False),
+    ("Why is the sky blue?", "What makes the sky look blue?", True),
+    ("Is coffee bad for you?", "Is coffee good for you?", False),
+    ("How tall is Mount Everest?", "What is the height of Mount Everest?", True),
+    ("Who wrote Hamlet?", "Who wrote Macbeth?", False),
+    ("How do I lose weight fast?", "What is the quickest way to lose weight?", True),
+    ("Where do penguins live?", "What do penguins eat?", False),
+]
+
+
 def test_cache_eval_prints_operating_points(tmp_path):
-    if not DATA.exists():
-        pytest.fail(f"missing {DATA}")
+    # Labeled pairs in the evaluator's format; the held-out split is every 5th
+    # line, so repeat the set to give every split both labels.
     sample = tmp_path / "pairs.jsonl"
-    sample.write_text("".join(DATA.read_text().splitlines(keepends=True)[:500]))
+    lines = [json.dumps({"a": a, "b": b, "same": same}) for a, b, same in PAIRS * 5]
+    sample.write_text("\n".join(lines) + "\n")
     r = bearpaw(tmp_path, "cache", "eval", str(sample))
     assert r.returncode == 0, r.stderr
     for point in ("cosine>=0.90", "strict", "balanced", "aggressive"):

@@ -273,13 +273,21 @@ async def test_gateway_routes_to_the_idle_replica(vllm_pair, tmp_path: Path) -> 
     try:
         key = gw.create_key("acme")
         gw.wait_models(key, {"tiny"})
-        async with httpx.AsyncClient(timeout=180) as direct:
+        # Load and control traffic use separate clients, so that the control
+        # requests never queue behind the load's connections.
+        async with (
+            httpx.AsyncClient(timeout=180) as direct,
+            httpx.AsyncClient(timeout=300) as loader,
+        ):
 
             async def keep_busy() -> None:
                 # Each long request is over in a second or two on the tiny model:
                 # sixteen loops keep A busy for as long as the test needs.
                 while True:
-                    await direct.post(a.base_url + "/completions", json=load_body)
+                    try:
+                        await loader.post(a.base_url + "/completions", json=load_body)
+                    except httpx.HTTPError:
+                        await asyncio.sleep(0.2)  # a slow box: keep loading A
 
             load = [asyncio.create_task(keep_busy()) for _ in range(16)]
             try:

@@ -46,7 +46,8 @@ def test_async_job_answers_what_the_sync_call_would(bearpaw_stack: BearpawStack)
     assert resp.headers["location"] == f"/v1/jobs/{job['id']}"
     assert job["object"] == "job" and job["status"] == "queued" and job["response"] is None
     done = _poll(client, resp.headers["location"])
-    assert done["status"] == "completed" and done["completed_at"] >= done["created_at"]
+    assert done["status"] == "completed", done
+    assert done["completed_at"] >= done["created_at"]
     body = done["response"]["body"]
     assert done["response"]["status_code"] == 200
     sync = client.post("/v1/chat/completions", json=CHAT, headers={"cache-control": "no-cache"})

@@ -46,6 +46,8 @@ class BatchRunner:
         engine = self.rt.engine
         batch: Batch = await self._db(batch_store.get_batch, engine, None, batch_id)
         if batch.status == "validating":
+            # Models of a backend that is still starting are not "unknown".
+            await self.rt.pool.ensure_discovered()
             await self._db(batch_store.validate_batch, engine, batch_id, self._known_model)
             batch = await self._db(batch_store.get_batch, engine, None, batch_id)
         if batch.status in batch_store.FINAL:
