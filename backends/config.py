@@ -46,6 +46,10 @@ class BackendSettings(BaseModel):
     models: list[ModelConfig] = Field(default_factory=list)
     # Base URLs whose /v1/models are read to add replicas automatically.
     discover: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8000/v1"])
+    # Models found by discovery hold a request this long for a replica that is
+    # (re)starting or was marked down by a probe that timed out on a busy host,
+    # instead of failing at once with 503.
+    discovered_hold_seconds: float = 10.0
     connect_timeout: float = 5.0
     read_timeout: float = 300.0
     # Retries on another replica for failures that happened before any byte of

@@ -253,7 +253,9 @@ class ReplicaPool:
         for model in models:
             canonical = self._names.get(model.id)
             if canonical is None:
-                entry = self._add_model(ModelConfig(name=model.id))
+                entry = self._add_model(
+                    ModelConfig(name=model.id, hold_seconds=self.settings.discovered_hold_seconds)
+                )
             else:
                 entry = self._entries[canonical]
             if any(replica.url == url for replica in entry.replicas):
