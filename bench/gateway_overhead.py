@@ -168,6 +168,10 @@ def main(argv: list[str] | None = None) -> None:
                 records.append(rec)
                 rows.append([mode, *list(rec.values())[1:]])
                 print(json.dumps(rec), flush=True)
+        # The framework's own ceiling on this machine, same process and pinning:
+        # uvicorn + FastAPI + the request-id/metrics/log middleware, no pipeline.
+        health_url = gateway.url.removesuffix("/v1") + "/health"
+        floor = wrk(health_url, "", 16, args.seconds, None, load_cpu, method="GET")
         if args.profile:
             args.profile.mkdir(parents=True, exist_ok=True)
             payload = body(stream=False)
@@ -206,6 +210,10 @@ def main(argv: list[str] | None = None) -> None:
         f"{cpus} CPUs; {args.seconds:.0f}s per cell; log level {args.log_level}\n"
     )
     print(markdown_table(headers, rows))
+    print(
+        f"\nframework floor, same gateway process: GET /health at c=16 "
+        f"{floor.rps:,.0f} req/s, p50 {floor.p50_ms:.2f} ms"
+    )
     if args.json:
         args.json.write_text(json.dumps(records, indent=2))
 

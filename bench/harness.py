@@ -198,7 +198,7 @@ def start_gateway(
 # ----------------------------------------------------------------------- wrk
 
 WRK_LUA = """
-wrk.method = "POST"
+wrk.method = "{method}"
 wrk.headers["Content-Type"] = "application/json"
 wrk.body = [[{body}]]
 {auth}
@@ -230,6 +230,7 @@ def wrk(
     seconds: float,
     key: str | None = None,
     cpus: str | None = None,
+    method: str = "POST",
 ) -> LoadResult:
     """Closed-loop load: `connections` clients each sending the next request as
     soon as the last answer (the whole body, so a whole stream) arrived."""
@@ -237,7 +238,7 @@ def wrk(
         raise SystemExit("wrk is not installed: apt-get install -y wrk")
     auth = f'wrk.headers["Authorization"] = "Bearer {key}"' if key else ""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write(WRK_LUA.format(body=body, auth=auth))
+        f.write(WRK_LUA.format(method=method, body=body, auth=auth))
         script = f.name
     cmd = pinned(
         [

@@ -34,6 +34,8 @@ from tests.support.fault_server import FaultServer
 Handler = Callable[[httpx.Request], httpx.Response]
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+# Real-socket failure paths run on both engines under the shared httpx client.
+ENGINES = pytest.mark.parametrize("engine", ["aiohttp", "httpcore"])
 
 
 def completion(model: str, text: str = "ok") -> dict[str, Any]:
@@ -318,7 +320,8 @@ async def test_no_retry_after_first_stream_byte() -> None:
     assert a.outstanding == 0 and a.failures_total == 1
 
 
-async def test_stream_cut_by_real_socket_is_not_retried() -> None:
+@ENGINES
+async def test_stream_cut_by_real_socket_is_not_retried(engine: str) -> None:
     with FaultServer() as server:
         server.set_fault("drop_stream", after_chunks=1)
         model = ModelConfig(
@@ -328,7 +331,7 @@ async def test_stream_cut_by_real_socket_is_not_retried() -> None:
                 ReplicaConfig(url="http://127.0.0.1:9/v1"),  # would refuse if retried
             ],
         )
-        pool = ReplicaPool(BackendSettings(models=[model], discover=[]))
+        pool = ReplicaPool(BackendSettings(models=[model], discover=[], http_engine=engine))
         pool._rotation = -1
         stream = await pool.stream("m", "/chat/completions", CHAT | {"stream": True})
         events = []
@@ -355,11 +358,14 @@ async def test_sse_reader_handles_crlf_and_missing_final_blank_line() -> None:
 # ------------------------------------------------------------------ timeouts, cancellation
 
 
-async def test_read_timeout_raises_upstream_timeout() -> None:
+@ENGINES
+async def test_read_timeout_raises_upstream_timeout(engine: str) -> None:
     with FaultServer() as server:
         server.set_fault("hang")
         model = ModelConfig(name="m", replicas=[ReplicaConfig(url=server.base_url)])
-        pool = ReplicaPool(BackendSettings(models=[model], discover=[], read_timeout=30))
+        pool = ReplicaPool(
+            BackendSettings(models=[model], discover=[], read_timeout=30, http_engine=engine)
+        )
         started = time.monotonic()
         with pytest.raises(UpstreamTimeout) as caught:
             await pool.request("m", "/chat/completions", CHAT, timeout=0.3)
@@ -379,11 +385,12 @@ async def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
         await asyncio.sleep(0.02)
 
 
-async def test_cancellation_closes_upstream_request() -> None:
+@ENGINES
+async def test_cancellation_closes_upstream_request(engine: str) -> None:
     with FaultServer() as server:
         server.set_fault("hang")
         model = ModelConfig(name="m", replicas=[ReplicaConfig(url=server.base_url)])
-        pool = ReplicaPool(BackendSettings(models=[model], discover=[]))
+        pool = ReplicaPool(BackendSettings(models=[model], discover=[], http_engine=engine))
         task = asyncio.create_task(pool.request("m", "/chat/completions", CHAT))
         await wait_for(lambda: server.in_flight == 1)
         task.cancel()
@@ -395,10 +402,11 @@ async def test_cancellation_closes_upstream_request() -> None:
         await pool.close()
 
 
-async def test_cancellation_while_streaming_closes_upstream() -> None:
+@ENGINES
+async def test_cancellation_while_streaming_closes_upstream(engine: str) -> None:
     with FaultServer(chunk_delay=0.2) as server:
         model = ModelConfig(name="m", replicas=[ReplicaConfig(url=server.base_url)])
-        pool = ReplicaPool(BackendSettings(models=[model], discover=[]))
+        pool = ReplicaPool(BackendSettings(models=[model], discover=[], http_engine=engine))
         body = CHAT | {"stream": True, "max_tokens": 50}
         stream = await pool.stream("m", "/chat/completions", body)
 

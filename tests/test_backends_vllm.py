@@ -75,7 +75,7 @@ async def test_routes_to_the_idle_replica(vllm_pair: tuple[VllmServer, VllmServe
             chosen = [
                 (await pool.request("tiny", "/chat/completions", CHAT)).replica for _ in range(6)
             ]
-            assert chosen == [idle.base_url] * 6
+            assert chosen == [idle.base_url] * 6, pool.snapshot()
         finally:
             for task in load:
                 task.cancel()
