@@ -160,6 +160,9 @@ class Supervisor:
             process = self.processes[profile.name]
             started = time.monotonic()
             code = await process.wait()
+            # The API server is gone but vLLM's engine and worker processes may
+            # not be: orphans would keep the GPU memory the restart needs.
+            _kill_group(process.pid)
             if self._stopping:
                 return
             if time.monotonic() - started >= self.stable_seconds:
@@ -185,14 +188,20 @@ class Supervisor:
         await asyncio.gather(*(self._terminate(p) for p in self.processes.values()))
 
     async def _terminate(self, process: asyncio.subprocess.Process) -> None:
-        if process.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            async with asyncio.timeout(self.stop_timeout):
-                await process.wait()
-        except TimeoutError:
+        if process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            await process.wait()
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                async with asyncio.timeout(self.stop_timeout):
+                    await process.wait()
+            except TimeoutError:
+                pass
+        # Whatever of the session outlived its leader (or the timeout) goes now.
+        _kill_group(process.pid)
+        await process.wait()
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL every process left in a replica's process group (none: no-op)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)

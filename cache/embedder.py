@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger("bearpaw.cache.embedder")
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 _DEFAULT_ALIASES = {DEFAULT_MODEL, f"sentence-transformers/{DEFAULT_MODEL}"}
@@ -46,12 +49,37 @@ def load_model(name: str = DEFAULT_MODEL, device: str | None = "cpu") -> Any:
         return model
 
 
+def _onnx_encoder(model: Any, name: str, device: str | None) -> Any:
+    """The model's ONNX Runtime encoder, or None (torch is used) when it cannot be had."""
+    from cache import onnx_encoder
+
+    if not onnx_encoder.available():
+        log.warning("onnxruntime is not installed: embeddings run on torch")
+        return None
+    if not onnx_encoder.supports(model):
+        log.warning("%s is not a transformer pipeline: embeddings run on torch", name)
+        return None
+    try:
+        return onnx_encoder.shared_encoder(model, f"{resolve_model_path(name)}|{device}")
+    except Exception:  # an exotic architecture the exporter cannot trace
+        log.exception("ONNX export of %s failed: embeddings run on torch", name)
+        return None
+
+
 class Embedder:
     """Synchronous, thread-safe text → unit-vector encoder."""
 
-    def __init__(self, name: str = DEFAULT_MODEL, device: str | None = "cpu") -> None:
+    def __init__(
+        self, name: str = DEFAULT_MODEL, device: str | None = "cpu", runtime: str = "onnx"
+    ) -> None:
         self.name = name
         self._model = load_model(name, device)
+        self.runtime = "torch"
+        self._onnx = None
+        if runtime == "onnx" and device in (None, "cpu"):
+            self._onnx = _onnx_encoder(self._model, name, device)
+            if self._onnx is not None:
+                self.runtime = "onnx"
         # torch releases the GIL during inference but one model used from two
         # threads at once only fights for the same cores; serialise instead.
         self._lock = threading.Lock()
@@ -66,6 +94,8 @@ class Embedder:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         with self._lock:
+            if self._onnx is not None:
+                return self._onnx.encode(texts, batch_size)
             vectors = self._model.encode(
                 texts,
                 batch_size=batch_size,

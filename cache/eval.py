@@ -86,7 +86,9 @@ def evaluate(
     settings = settings or CacheSettings()
     pairs = load_pairs(path)
     rows = split_mask(pairs, split)
-    u, v = embed_pairs(pairs, Embedder(settings.embedder, settings.device))
+    u, v = embed_pairs(
+        pairs, Embedder(settings.embedder, settings.device, settings.embedder_runtime)
+    )
     u, v = u[rows], v[rows]
     a = [t for t, keep in zip(pairs.a, rows, strict=True) if keep]
     b = [t for t, keep in zip(pairs.b, rows, strict=True) if keep]

@@ -92,7 +92,9 @@ class SemanticCache:
         if self._embedder is not None:
             return
         await asyncio.to_thread(db.create_table, self.engine)
-        embedder = await asyncio.to_thread(Embedder, self.settings.embedder, self.settings.device)
+        embedder = await asyncio.to_thread(
+            Embedder, self.settings.embedder, self.settings.device, self.settings.embedder_runtime
+        )
         self._verifier = await asyncio.to_thread(self._load_verifier)
         self._index = SemanticIndex(embedder.dim, use_gpu=self.settings.use_gpu)
         await self._rebuild(embedder)

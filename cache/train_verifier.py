@@ -96,7 +96,9 @@ def train(data: str, out: Path, settings: CacheSettings | None = None) -> Verifi
     settings = settings or CacheSettings()
     started = time.perf_counter()
     pairs = load_pairs(data)
-    u, v = embed_pairs(pairs, Embedder(settings.embedder, settings.device))
+    u, v = embed_pairs(
+        pairs, Embedder(settings.embedder, settings.device, settings.embedder_runtime)
+    )
     rows = split_mask(pairs, "train")
     a = [t for t, keep in zip(pairs.a, rows, strict=True) if keep]
     b = [t for t, keep in zip(pairs.b, rows, strict=True) if keep]

@@ -88,10 +88,14 @@ def test_launch_supervises_a_real_vllm(tmp_path: Path):
 
         first = _listener_pid(port)
         assert first is not None
+        crashed_group = os.getpgid(first)
+        assert _group_members(crashed_group), "vLLM's engine runs in the server's group"
         os.kill(first, signal.SIGKILL)  # the server crashes
         time.sleep(3)
         assert _wait_health(url, 240), "the supervisor did not restart the crashed server"
         assert _listener_pid(port) not in (None, first)
+        # The crashed server's engine and worker processes did not survive it.
+        assert _group_members(crashed_group) == []
     finally:
         os.killpg(cli.pid, signal.SIGTERM)
         try:
@@ -103,3 +107,18 @@ def test_launch_supervises_a_real_vllm(tmp_path: Path):
     while time.monotonic() < deadline and _listener_pid(port) is not None:
         time.sleep(0.5)
     assert _listener_pid(port) is None, "stopping the launcher left the server running"
+
+
+def _group_members(pgid: int) -> list[int]:
+    """PIDs of the live (not zombie) processes in process group ``pgid``."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
