@@ -5,7 +5,9 @@
 
 Real processes throughout: a vLLM server (started with ``--scheduling-policy
 priority`` unless ``--vllm-url`` names one), a gateway (uvicorn) and a Celery
-worker, sharing an SQLite database and the embedded broker. Three phases, each
+worker, sharing an SQLite database and the embedded broker (or the
+``--database-url`` and ``--broker-url`` given, e.g. PostgreSQL and Redis as in
+production). Three phases, each
 the same open-loop interactive load (``--requests`` chat requests at
 ``--rate`` per second, small ``max_tokens``) from an interactive-tier tenant:
 
@@ -158,6 +160,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--env", action="append", default=[], help="extra NAME=VALUE for gateway and worker"
     )
+    parser.add_argument(
+        "--database-url", help="an empty database instead of SQLite (e.g. PostgreSQL)"
+    )
+    parser.add_argument("--broker-url", help="a Celery broker instead of the embedded one")
     args = parser.parse_args(argv)
 
     with contextlib.ExitStack() as stack:
@@ -172,15 +178,17 @@ def main(argv: list[str] | None = None) -> None:
             vllm_url = server.base_url
         data = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bearpaw-bench-")))
         extra = dict(item.split("=", 1) for item in args.env)
+        db_url = args.database_url or f"sqlite:///{(data / 'bearpaw.db').resolve()}"
         env = bearpaw_env(
             data,
             vllm_url,
+            args.broker_url,
+            BEARPAW_DATABASE_URL=db_url,
             BEARPAW_CACHE__ENABLED="false",
             BEARPAW_WORKERS__EMBEDDED="false",
             BEARPAW_BACKENDS__METRICS_INTERVAL="0.25",
             **extra,
         )
-        db_url = f"sqlite:///{(data / 'bearpaw.db').resolve()}"
         migrate(db_url)
         engine = get_engine(db_url)
         create_tenant(engine, "app", tier="interactive")
