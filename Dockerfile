@@ -9,6 +9,9 @@ COPY backends backends
 COPY cache cache
 COPY workers workers
 RUN pip install --no-cache-dir .
-ENV BEARPAW_HOST=0.0.0.0 BEARPAW_PORT=8080 BEARPAW_DATA_DIR=/data HF_HUB_OFFLINE=1
+ENV BEARPAW_HOST=0.0.0.0 BEARPAW_PORT=8080 BEARPAW_DATA_DIR=/data HF_HUB_OFFLINE=1 \
+    BEARPAW_ONNX_CACHE=/opt/bearpaw/onnx
+# Export the embedder to ONNX at build time, so containers start without it.
+RUN python -c "from cache.embedder import Embedder; assert Embedder().runtime == 'onnx'"
 EXPOSE 8080
 CMD ["bearpaw", "serve", "--no-worker"]
