@@ -344,7 +344,10 @@ class Pipeline:
                 meter.model, meter.prompt_tokens, meter.completion_tokens, call.source
             )
             cost, avoided, discount = priced.cost_usd, 0.0, priced.batch_discount_usd
-        record = UsageRecord(
+        # model_construct: every value below is built here with its column's
+        # type, and validating them again cost ~180 us a request (a tenth of
+        # the gateway's CPU per proxied request in the profile).
+        record = UsageRecord.model_construct(
             request_id=call.request_id,
             tenant_id=call.caller.tenant_id,
             key_id=call.caller.key_id,
