@@ -72,10 +72,12 @@ class BackendSettings(BaseModel):
     overflow_waiting: float = 32.0
     # Connection pool size of the shared client (streams hold a connection each).
     max_connections: int = 4096
-    # What carries the shared httpx client's requests: aiohttp's connection pool
-    # (the default; about 2.5x the throughput of httpcore's on a small CPU, where
-    # httpcore's pool scan per request dominated the profile) or httpcore.
-    http_engine: Literal["aiohttp", "httpcore"] = "aiohttp"
+    # What carries the shared httpx client's requests: httpcore (httpx's own) or
+    # aiohttp's connection pool, which gave about 2.5x the throughput on a small
+    # CPU, where httpcore's per-request pool scan dominated the profile. httpcore
+    # stays the default until a one-off 180 s stall of a proxied request under
+    # heavy load with aiohttp (seen once in CI) is understood.
+    http_engine: Literal["aiohttp", "httpcore"] = "httpcore"
     # Idle connections are dropped after this long: below the 5 s keep-alive of
     # uvicorn-based servers (vLLM's included), so the client never reuses a
     # connection at the moment the server closes it.

@@ -127,6 +127,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--profile", type=Path, default=None, help="py-spy the gateway, write here")
     parser.add_argument("--json", type=Path, default=None, help="write the rows as JSON here")
+    parser.add_argument(
+        "--http-engine",
+        choices=["httpcore", "aiohttp"],
+        default="httpcore",
+        help="backends.http_engine of the gateway under test",
+    )
     args = parser.parse_args(argv)
 
     cpus = os.cpu_count() or 1
@@ -140,7 +146,13 @@ def main(argv: list[str] | None = None) -> None:
             "replicas": [{"url": f"http://127.0.0.1:{up_port}/v1", "vllm": False}],
         }
     ]
-    gateway = start_gateway(models, cache=False, cpus=gw_cpu, log_level=args.log_level)
+    gateway = start_gateway(
+        models,
+        cache=False,
+        cpus=gw_cpu,
+        log_level=args.log_level,
+        extra={"backends": {"http_engine": args.http_engine}},
+    )
     direct_url = f"http://127.0.0.1:{up_port}/v1/chat/completions"
     via_url = gateway.url + "/chat/completions"
     rows: list[list[object]] = []
@@ -207,7 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     ]
     print(
         f"\ngateway pinned to CPU {gw_cpu}, upstream+wrk to CPU {load_cpu}; "
-        f"{cpus} CPUs; {args.seconds:.0f}s per cell; log level {args.log_level}\n"
+        f"{cpus} CPUs; {args.seconds:.0f}s per cell; log level {args.log_level}; "
+        f"http_engine {args.http_engine}\n"
     )
     print(markdown_table(headers, rows))
     print(

@@ -111,7 +111,11 @@ def gateway_config(
         "workers": {"embedded": False},
     }
     for key, value in (extra or {}).items():
-        config[key] = value
+        # Sections merge (extra={"backends": {"http_engine": ...}} keeps the models).
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
     path = data_dir / "bearpaw.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
