@@ -64,6 +64,10 @@ class SemanticCache:
         self._clock = clock
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # LRU order, oldest first
         self._exact: dict[str, str] = {}
+        # Answers being stored (embedding and database write in flight), by exact
+        # key: a client that repeats a request the moment its answer arrives
+        # must hit the exact layer, not race the store.
+        self._storing: dict[str, _Entry] = {}
         self._index: SemanticIndex | None = None
         self._embedder: BatchEmbedder | None = None
         self._verifier: Verifier | None = None
@@ -168,13 +172,18 @@ class SemanticCache:
         if self._embedder is None or not self.settings.enabled:
             return None
         now = self._clock()
-        entry_id = self._exact.get(canonical_hash(namespace, request))
+        exact_key = canonical_hash(namespace, request)
+        entry_id = self._exact.get(exact_key)
         if entry_id is not None:
             entry = self._live_entry(entry_id, now)
             # The exact key already contains the namespace; the check is belt and braces.
             if entry is not None and entry.namespace == namespace:
                 self._counters["hits_exact"] += 1
                 return self._hit(entry_id, entry, now, 1.0, "exact", None)
+        storing = self._storing.get(exact_key)
+        if storing is not None and storing.namespace == namespace:
+            self._counters["hits_exact"] += 1
+            return CacheHit(json.loads(storing.response), 1.0, "exact", "storing", None)
 
         query = query_text(request).strip()
         if not query or self._index is None:
@@ -266,15 +275,31 @@ class SemanticCache:
         if self._embedder is None or not self.settings.enabled:
             return
         query = query_text(request).strip()
+        exact_key = canonical_hash(namespace, request)
+        text = json.dumps(response, separators=(",", ":"), ensure_ascii=False)
+        pending = _Entry(
+            namespace, tenant, exact_key, query, text, self._clock() + self.settings.ttl_seconds
+        )
+        # Before the first await: the exact layer answers repeats from here on.
+        self._storing[exact_key] = pending
+        try:
+            await self._persist(namespace, tenant, exact_key, query, text)
+        finally:
+            if self._storing.get(exact_key) is pending:
+                del self._storing[exact_key]
+
+    async def _persist(
+        self, namespace: str, tenant: str, exact_key: str, query: str, text: str
+    ) -> None:
         vector = await self._embed(query) if query else None
         now = self._clock()
         row = db.CacheEntry(
             id=uuid.uuid4().hex,
             tenant=tenant,
             namespace=namespace,
-            exact_key=canonical_hash(namespace, request),
+            exact_key=exact_key,
             query=query,
-            response=json.dumps(response, separators=(",", ":"), ensure_ascii=False),
+            response=text,
             embedding=db.vector_to_bytes(vector) if vector is not None else None,
             model=self.settings.embedder,
             created_at=now,
@@ -346,6 +371,8 @@ class SemanticCache:
             doomed = [eid for eid, e in self._entries.items() if e.tenant == tenant]
             for entry_id in doomed:
                 self._forget(entry_id)
+            for key in [k for k, e in self._storing.items() if e.tenant == tenant]:
+                del self._storing[key]
             removed = await asyncio.to_thread(db.delete_tenant, self.engine, tenant)
         return max(removed, len(doomed))
 

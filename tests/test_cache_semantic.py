@@ -93,6 +93,21 @@ async def test_exact_repeat_is_an_exact_hit(cache: SemanticCache) -> None:
     assert hit.verifier_score is None
 
 
+async def test_repeat_while_the_store_is_in_flight_is_an_exact_hit(cache: SemanticCache) -> None:
+    """The gateway answers before the store finishes (embedding, database write):
+    a client repeating the request at once must still hit."""
+    req = chat("What is the boiling point of water at sea level?")
+    store = asyncio.create_task(cache.store(ns(req), req, answer("100 C"), tenant="acme"))
+    await asyncio.sleep(0)  # the store has started and is waiting on its embedding
+    assert not store.done()
+    hit = await cache.lookup(ns(req), req)
+    assert hit is not None and hit.layer == "exact"
+    assert hit.response["choices"][0]["message"]["content"] == "100 C"
+    await store
+    hit = await cache.lookup(ns(req), req)
+    assert hit is not None and hit.layer == "exact" and hit.entry_id != "storing"
+
+
 async def test_paraphrase_in_same_namespace_is_a_semantic_hit(cache: SemanticCache) -> None:
     req = chat(QUESTION)
     await cache.store(ns(req), req, answer("Practice daily."), tenant="acme")
