@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (  # noqa: E402
     free_port,
     markdown_table,
+    pinned,
     start_gateway,
     start_upstream,
     wrk,
@@ -115,6 +116,15 @@ def _short(frame: str) -> str:
     return f"{name} ({tail})"
 
 
+def client_floor(url: str, engine: str, seconds: float, cpus: str | None) -> float:
+    """req/s of the gateway's shared HTTP client alone (bench/client_floor.py)."""
+    script = Path(__file__).resolve().parent / "client_floor.py"
+    cmd = [sys.executable, str(script), "--url", url, "--engine", engine]
+    cmd += ["--seconds", str(seconds)]
+    done = subprocess.run(pinned(cmd, cpus), capture_output=True, text=True, check=True)
+    return float(json.loads(done.stdout.strip().splitlines()[-1])["rps"])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--concurrency", default="1,16,64")
@@ -184,6 +194,8 @@ def main(argv: list[str] | None = None) -> None:
         # uvicorn + FastAPI + the request-id/metrics/log middleware, no pipeline.
         health_url = gateway.url.removesuffix("/v1") + "/health"
         floor = wrk(health_url, "", 16, args.seconds, None, load_cpu, method="GET")
+        # And the other half of a proxied request: the gateway's client alone.
+        client_rps = client_floor(direct_url, args.http_engine, args.seconds, gw_cpu)
         if args.profile:
             args.profile.mkdir(parents=True, exist_ok=True)
             payload = body(stream=False)
@@ -226,6 +238,13 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"\nframework floor, same gateway process: GET /health at c=16 "
         f"{floor.rps:,.0f} req/s, p50 {floor.p50_ms:.2f} ms"
+    )
+    ceiling = 1.0 / (1.0 / floor.rps + 1.0 / client_rps) if floor.rps and client_rps else 0.0
+    print(
+        f"client floor, same CPU: the shared client ({args.http_engine}) alone, c=16 "
+        f"{client_rps:,.0f} req/s\n"
+        f"ceiling of one proxied exchange on this CPU (server floor + client floor, no "
+        f"gateway work): {ceiling:,.0f} req/s"
     )
     if args.json:
         args.json.write_text(json.dumps(records, indent=2))
