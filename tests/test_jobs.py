@@ -4,6 +4,7 @@ the embedded default: `bearpaw serve` with no broker configured."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -112,6 +113,7 @@ def test_embedded_default_serve_runs_a_job(tmp_path: Path, vllm_server: VllmServ
     create_tenant(get_engine(url), "solo")
     key = create_key(get_engine(url), "solo").secret
     port = free_port()
+    workers: list[int] = []
     log = (tmp_path / "serve.log").open("wb")
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "bearpaw"), "serve", "--port", str(port)],
@@ -138,9 +140,52 @@ def test_embedded_default_serve_runs_a_job(tmp_path: Path, vllm_server: VllmServ
         job = _poll(client, resp.headers["location"], timeout=180)
         assert job["status"] == "completed", job
         assert (tmp_path / "broker.db").exists()
+
+        masters = [pid for pid in _children(proc.pid) if b"celery" in _cmdline(pid)]
+        assert len(masters) == 1, f"serve's children: {_children(proc.pid)}"
+        workers = masters + _children(masters[0])  # the Celery master and its pool
+        # What `docker stop` or systemd does: SIGTERM to serve alone. It must not
+        # leave its worker (or the worker's pool children) running.
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 10
+        while left := [pid for pid in workers if _running(pid)]:
+            assert time.monotonic() < deadline, f"serve exited and left {left} running"
+            time.sleep(0.2)
     finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+        for pid in workers:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+        if _group_running(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def _children(pid: int) -> list[int]:
+    candidates = (int(p.name) for p in Path("/proc").glob("[0-9]*"))
+    return [c for c in candidates if (state := _state(c)) and int(state[1]) == pid]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _state(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a zombie has exited; it only waits to be reaped)."""
+    state = _state(pid)
+    return bool(state) and state[0] != "Z"
+
+
+def _group_running(pgid: int) -> bool:
+    states = (_state(int(p.name)) for p in Path("/proc").glob("[0-9]*"))
+    return any(st and st[0] != "Z" and int(st[2]) == pgid for st in states)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -63,9 +64,17 @@ def serve(
 
     settings = get_settings()
     engine()  # migrate before any process starts
+    # uvicorn re-raises the SIGTERM it drained on; with the default action that
+    # would kill this process before the `finally` below stops the worker.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     child = None
     if worker if worker is not None else settings.workers.embedded:
-        child = subprocess.Popen(worker_command(settings.workers.concurrency))
+        # Its own session: a Ctrl-C or a group-wide SIGTERM must not reach Celery's
+        # pool children before its master (a master whose children die under it
+        # hangs in warm shutdown); this process stops the worker as a whole.
+        child = subprocess.Popen(
+            worker_command(settings.workers.concurrency), start_new_session=True
+        )
     try:
         uvicorn.run(
             "gateway.main:app",
@@ -78,12 +87,33 @@ def serve(
             timeout_graceful_shutdown=30,
         )
     finally:
-        if child is not None and child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-            try:
-                child.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        if child is not None:
+            stop_worker(child)
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def stop_worker(child: subprocess.Popen, grace: float = 30.0) -> None:
+    """Warm shutdown (running tasks finish), then SIGKILL to the worker's group.
+
+    Killed tasks are not lost: tasks are acknowledged late and idempotent, so the
+    broker redelivers them to the next worker.
+    """
+    if child.poll() is not None:
+        return
+    child.send_signal(signal.SIGTERM)
+    try:
+        child.wait(timeout=grace)
+        return
+    except (subprocess.TimeoutExpired, KeyboardInterrupt):
+        pass
+    # The master is alive and not reaped, so its group id is still the worker's:
+    # master and pool children go together.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
 
 
 @app.command()
