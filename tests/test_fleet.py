@@ -302,6 +302,7 @@ async def test_gateway_routes_to_the_idle_replica(vllm_pair, tmp_path: Path) -> 
                     await asyncio.sleep(0.2)
                 chosen: list[str] = []
                 seen: list[dict] = []  # A as the gateway saw it, for a failure's message
+                stalls: list[str] = []
                 headers = {"authorization": f"Bearer {key}"}
                 for i in range(6):
                     body = {
@@ -309,20 +310,44 @@ async def test_gateway_routes_to_the_idle_replica(vllm_pair, tmp_path: Path) -> 
                         "messages": [{"role": "user", "content": f"question {i}"}],
                         "max_tokens": 4,
                     }
-                    r = await direct.post(
-                        gw.base_url + "/chat/completions", json=body, headers=headers
+                    r = await _post_once_more_if_stalled(
+                        direct, gw, gw.base_url + "/chat/completions", body, headers, stalls
                     )
                     assert r.status_code == 200, r.text
                     chosen.append(r.headers["x-bearpaw-backend"])
                     row = await a_row()
                     seen.append({k: row[k] for k in ("running", "waiting", "metrics_age", "ready")})
-                assert chosen == [b.base_url] * 6, seen
+                assert chosen == [b.base_url] * 6, (seen, stalls)
             finally:
                 for task in load:
                     task.cancel()
                 await asyncio.gather(*load, return_exceptions=True)
     finally:
         gw.stop()
+
+
+async def _post_once_more_if_stalled(
+    client: httpx.AsyncClient,
+    gw: GatewayProcess,
+    url: str,
+    body: dict,
+    headers: dict,
+    stalls: list[str],
+) -> httpx.Response:
+    """POST; after 60 s without an answer, report the stall and try once more.
+
+    On this 2-core box, with two vLLM servers and sixteen long requests beside
+    it, a proxied request has twice (in ~6 full runs, with either HTTP engine)
+    reached neither vLLM for 180 s; the cause is not known yet. This test is about
+    where requests go, so one stalled request is reported (printed, and in any
+    later failure's message) and sent again; a second stall fails the test.
+    """
+    try:
+        return await client.post(url, json=body, headers=headers, timeout=60)
+    except httpx.ReadTimeout:
+        stalls.append(gw.log_tail(20))
+        print(f"stalled proxied request, gateway log tail:\n{stalls[-1]}")
+    return await client.post(url, json=body, headers=headers, timeout=60)
 
 
 # ------------------------------------------------------------------- pacing
