@@ -75,8 +75,8 @@ class BackendSettings(BaseModel):
     # What carries the shared httpx client's requests: httpcore (httpx's own) or
     # aiohttp's connection pool, which gave about 2.5x the throughput on a small
     # CPU, where httpcore's per-request pool scan dominated the profile. httpcore
-    # stays the default until a one-off 180 s stall of a proxied request under
-    # heavy load with aiohttp (seen once in CI) is understood.
+    # stays the default while the aiohttp transport has less mileage here (it maps
+    # aiohttp's errors onto httpx's, and retry safety depends on that mapping).
     http_engine: Literal["aiohttp", "httpcore"] = "httpcore"
     # Idle connections are dropped after this long: below the 5 s keep-alive of
     # uvicorn-based servers (vLLM's included), so the client never reuses a

@@ -16,6 +16,7 @@ from typing import Any
 
 import anyio
 import orjson
+from sqlalchemy.orm import configure_mappers
 
 from backends.errors import BackendError
 from backends.pool import ReplicaPool
@@ -98,6 +99,10 @@ class Pipeline:
         self.observe = observe
         self.flights = SingleFlight()
         self._background: set[asyncio.Task[Any]] = set()
+        # Records are built with model_construct, which skips what a validated
+        # construction does on first use: mapper configuration. Until some query
+        # has configured the mappers, reading a field of such a record fails.
+        configure_mappers()
 
     # ------------------------------------------------------------------ entry
     async def run(self, call: Call) -> Outcome:

@@ -136,6 +136,12 @@ def _child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
         VLLM_CACHE_ROOT=str(data / "vllm-cache"),
         TORCHINDUCTOR_CACHE_DIR=str(data / "torchinductor-cache"),
     )
+    # vLLM-CPU's "auto" binding pins every server's compute thread to the same core
+    # (core 0 here, core 1 reserved). With two servers, one of them loaded, the idle
+    # one's worker starved on that core: its engine logged "No available shared
+    # memory broadcast block found in 60 seconds" and a proxied request waited
+    # minutes. Unbound, the OS schedules the servers on both cores.
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     if extra:
         env.update(extra)
     return env
