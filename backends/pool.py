@@ -413,9 +413,20 @@ class ReplicaPool:
         priority: int | None = None,
         affinity_key: str | None = None,
         timeout: float | None = None,
+        at_root: bool = False,
     ) -> UpstreamResponse:
+        """One JSON request to a replica of `model`. `path` is relative to the
+        replica's OpenAI base URL (`.../v1`), or to its server root with
+        `at_root` (vLLM's /tokenize, /rerank, ...)."""
         result = await self._dispatch(
-            self._entry(model), path, body, priority, affinity_key, timeout, streaming=False
+            self._entry(model),
+            path,
+            body,
+            priority,
+            affinity_key,
+            timeout,
+            streaming=False,
+            at_root=at_root,
         )
         assert isinstance(result, UpstreamResponse)
         return result
@@ -446,6 +457,7 @@ class ReplicaPool:
         timeout: float | None,
         *,
         streaming: bool,
+        at_root: bool = False,
     ) -> UpstreamResponse | UpstreamStream:
         config = entry.config
         key_hash = affinity_hash(affinity_key) if affinity_key else None
@@ -481,7 +493,9 @@ class ReplicaPool:
             try:
                 if streaming:
                     return await self._send_stream(replica, path, body, priority, http_timeout)
-                return await self._send(replica, path, body, priority, http_timeout)
+                return await self._send(
+                    replica, path, body, priority, http_timeout, at_root=at_root
+                )
             except _Retryable as failure:
                 last_error = failure.error
                 log.info("retrying %s elsewhere after %s", path, failure.error.message)
@@ -571,15 +585,18 @@ class ReplicaPool:
         body: dict[str, Any],
         priority: int | None,
         timeout: httpx.Timeout,
+        *,
+        at_root: bool = False,
     ) -> UpstreamResponse:
         content = self._payload(replica, body, priority)
+        base = replica.root if at_root else replica.url
         replica.outstanding += 1
         replica.requests_total += 1
         verdict: bool | None = None  # None: no verdict (cancelled), frees a half-open probe
         try:
             try:
                 response = await self._client.post(
-                    replica.url + path, content=content, headers=replica.headers, timeout=timeout
+                    base + path, content=content, headers=replica.headers, timeout=timeout
                 )
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 verdict = False

@@ -12,7 +12,19 @@ from gateway.async_jobs import AsyncJobs
 from gateway.errors import install_handlers
 from gateway.middleware import RequestIdMiddleware
 from gateway.observability import GatewayMetrics, QueueDepthPoller, configure_logging
-from gateway.routes import admin, batches, files, health, inference, jobs, models, reports
+from gateway.routes import (
+    admin,
+    batches,
+    files,
+    health,
+    inference,
+    jobs,
+    messages,
+    models,
+    passthrough,
+    reports,
+    responses,
+)
 from gateway.runtime import build_runtime
 from gateway.settings import Settings, get_settings
 from gateway.shutdown import install_drain
@@ -98,6 +110,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         files.router,
         batches.router,
         jobs.router,
+        responses.router,
+        messages.router,
+        passthrough.router,
         *EXTRA_ROUTERS,
     ):
         app.include_router(router)

@@ -51,7 +51,11 @@ def _bearer(request: Request) -> str:
 
 
 async def require_caller(request: Request) -> Caller:
-    secret = _bearer(request)
+    return await caller_for_secret(request, _bearer(request))
+
+
+async def caller_for_secret(request: Request, secret: str) -> Caller:
+    """The caller a key belongs to (cached), or 401 in OpenAI's shape."""
     state = request.app.state.bearpaw
     digest = hash_key(secret)
     found, caller = state.key_cache.get(digest)

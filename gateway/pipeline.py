@@ -46,6 +46,9 @@ class Call:
     request_id: str
     source: str = "interactive"  # interactive | async | batch
     cache_control: str = ""
+    # The API the client spoke when a dialect translated it into `endpoint`
+    # (e.g. "responses", "messages"): usage is reported under that name.
+    api: str | None = None
 
 
 @dataclass
@@ -358,7 +361,7 @@ class Pipeline:
             key_id=call.caller.key_id,
             model=meter.model or str(call.body.get("model", "")),
             backend=meter.backend,
-            endpoint=call.endpoint,
+            endpoint=call.api or call.endpoint,
             source=call.source,
             stream=meter.stream,
             prompt_tokens=meter.prompt_tokens,

@@ -54,6 +54,12 @@ def vllm_server() -> Iterator[VllmServer]:
 
     Shared by every test: do not kill it. Tests that kill replicas use ``vllm_pair``.
     """
+    attach = os.environ.get("BEARPAW_TEST_VLLM_PORT")
+    if attach:
+        # Development only: reuse a vLLM server already running on that port
+        # (started by hand with tests/support/vllm_server.py), not stopped after.
+        yield VllmServer(port=int(attach), served_model_name="tiny")
+        return
     _require_vllm()
     server = VllmServer(served_model_name="tiny")
     start_servers([server], pin=True)

@@ -1,0 +1,7 @@
+"""Routes of the messages API (being written)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter(tags=["messages"])
