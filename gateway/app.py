@@ -68,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.extras["registry"] = metrics.registry
         state.extras["metrics"] = metrics
         state.extras["budgets"] = runtime.budgets
+        state.extras["responses"] = runtime.responses
         app.state.bearpaw = state
         middleware_metrics[0] = metrics
         tasks = TaskQueue(settings.celery_broker_url, settings.workers.visibility_timeout_s)

@@ -51,6 +51,15 @@ class AsyncJobs:
                 param="stream",
                 code="invalid_value",
             )
+        job = await self.enqueue(call)
+        return Outcome(
+            202,
+            job_object(job),
+            {"location": f"/v1/jobs/{job.id}", "x-request-id": call.request_id},
+        )
+
+    async def enqueue(self, call: Call) -> Job:
+        """Stores the call as a queued job and hands its id to the workers."""
         job = Job(
             id=new_id("job_"),
             tenant_id=call.caller.tenant_id,
@@ -62,11 +71,7 @@ class AsyncJobs:
         )
         await asyncio.to_thread(self._insert, job)
         await self.tasks.send_async(RUN_JOB, job.id)
-        return Outcome(
-            202,
-            job_object(job),
-            {"location": f"/v1/jobs/{job.id}", "x-request-id": call.request_id},
-        )
+        return job
 
     def _insert(self, job: Job) -> None:
         with Session(self.engine, expire_on_commit=False) as s:
@@ -98,6 +103,17 @@ class AsyncJobs:
             )
             s.commit()
         return self.get(tenant_id, job_id)
+
+    def cancel_request(self, request_id: str) -> bool:
+        """Cancels the unfinished job of a request (a background response)."""
+        with Session(self.engine) as s:
+            result = s.exec(  # type: ignore[call-overload]
+                update(Job)
+                .where(col(Job.request_id) == request_id, col(Job.status).not_in(FINISHED))
+                .values(status="cancelled", completed_at=utcnow())
+            )
+            s.commit()
+            return result.rowcount == 1
 
     def list(self, tenant_id: str, limit: int = 20) -> list[Job]:
         with Session(self.engine, expire_on_commit=False) as s:

@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
+from gateway.dialects.responses.protocol import ResponsesRequest, refusal
 from gateway.protocol import BATCH_URLS, ENDPOINTS
 
 # OpenAI stops listing after this many problems; so do we.
@@ -39,7 +40,8 @@ def parse_input(
     lines: list[InputLine] = []
     errors: list[dict[str, Any]] = []
     seen: set[str] = set()
-    request_model = ENDPOINTS[BATCH_URLS[endpoint]][1]
+    name = BATCH_URLS[endpoint]
+    request_model = ResponsesRequest if name == "responses" else ENDPOINTS[name][1]
 
     for line_no, raw in enumerate(content.splitlines(), start=1):
         if len(errors) >= MAX_ERRORS:
@@ -123,6 +125,14 @@ def _check_line(
             f"body.{loc}" if loc else "body",
             line_no,
         )
+    if request_model is ResponsesRequest:
+        problem = refusal(body)
+        if problem is None and body.get("background"):
+            problem_message = "Background responses are not supported in the Batch API."
+            return batch_error("invalid_request", problem_message, "body.background", line_no)
+        if problem is not None:
+            param = f"body.{problem.param}" if problem.param else "body"
+            return batch_error("invalid_request", problem.message, param, line_no)
     if body.get("stream"):
         return batch_error(
             "invalid_request",

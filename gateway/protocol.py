@@ -7,9 +7,9 @@ backend without a gateway release.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Open(BaseModel):
@@ -81,12 +81,94 @@ class EmbeddingRequest(_Open):
         return self
 
 
-# Endpoint name -> (path on the backend, request model). The same table drives
-# routes, async jobs and batch lines so the three accept exactly the same input.
-ENDPOINTS: dict[str, tuple[str, type[_Open]]] = {
-    "chat.completions": ("/chat/completions", ChatCompletionRequest),
-    "completions": ("/completions", CompletionRequest),
-    "embeddings": ("/embeddings", EmbeddingRequest),
+# vLLM's endpoints beyond the OpenAI API, passed through (routes/passthrough.py).
+# The gateway checks what it needs (a model to route and meter by) and leaves
+# the rest, which vLLM validates itself, to the backend.
+
+
+class _OneBody(_Open):
+    """A request answered with one JSON body: nothing to stream."""
+
+    model: str = Field(min_length=1)
+    stream: bool | None = None
+
+    @field_validator("stream")
+    @classmethod
+    def _not_streamed(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError("this endpoint is not streamed through the gateway; omit `stream`")
+        return value
+
+
+class TokenizeRequest(_OneBody):
+    # One of the two (vLLM's completion and chat shapes); the route checks it.
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+
+
+class DetokenizeRequest(_OneBody):
+    tokens: list[int]
+
+
+class RerankRequest(_OneBody):
+    query: str | dict[str, Any]  # text, or vLLM's multimodal content
+    documents: list[Any] | dict[str, Any]
+    top_n: int | None = Field(default=None, ge=0)
+
+
+class ScoreRequest(_OneBody):
+    """vLLM's /score pairs (text_1/text_2, queries/documents, ...): vLLM checks them."""
+
+
+class AudioRequest(_OneBody):
+    """The text fields of a transcription or translation upload; `file` holds the
+    uploaded file's name (its bytes stay in the raw form, see `Upload`)."""
+
+    file: str
+
+
+class Upload(dict[str, Any]):
+    """A multipart upload as a pipeline body.
+
+    As a dict it is the form's text fields plus each file's name: what
+    validation, admission and metering read. The form itself is `content`
+    (with its `content_type`, boundary included), forwarded byte for byte, so
+    the backend sees exactly what the client sent.
+    """
+
+    def __init__(self, fields: dict[str, Any], content: bytes, content_type: str) -> None:
+        super().__init__(fields)
+        self.content = content
+        self.content_type = content_type
+
+
+class Endpoint(NamedTuple):
+    """Where an endpoint's requests go upstream and what validates them.
+
+    `path` is relative to a replica's OpenAI base URL (`.../v1`), or to its
+    server root when `at_root`: vLLM serves /tokenize, /detokenize, /rerank and
+    /score beside /v1, not under it. An endpoint's name is also the capability
+    (backends.capabilities) a model must have to serve it.
+    """
+
+    path: str
+    request: type[_Open]
+    at_root: bool = False
+
+
+# Endpoint name -> Endpoint (path on the backend, request model, ...). The same
+# table drives routes, async jobs and batch lines so the three accept exactly
+# the same input.
+ENDPOINTS: dict[str, Endpoint] = {
+    "chat.completions": Endpoint("/chat/completions", ChatCompletionRequest),
+    "completions": Endpoint("/completions", CompletionRequest),
+    "embeddings": Endpoint("/embeddings", EmbeddingRequest),
+    "rerank": Endpoint("/rerank", RerankRequest, at_root=True),
+    "score": Endpoint("/score", ScoreRequest, at_root=True),
+    "tokenize": Endpoint("/tokenize", TokenizeRequest, at_root=True),
+    "detokenize": Endpoint("/detokenize", DetokenizeRequest, at_root=True),
+    "audio.transcriptions": Endpoint("/audio/transcriptions", AudioRequest),
+    "audio.translations": Endpoint("/audio/translations", AudioRequest),
 }
 
 # OpenAI Batch API `url` values -> endpoint names.
@@ -94,4 +176,5 @@ BATCH_URLS = {
     "/v1/chat/completions": "chat.completions",
     "/v1/completions": "completions",
     "/v1/embeddings": "embeddings",
+    "/v1/responses": "responses",
 }

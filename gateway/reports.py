@@ -26,7 +26,7 @@ from sqlalchemy.engine import Engine
 
 from gateway.db import Tenant, UsageRecord
 
-GROUPS = ("tenant", "model", "day", "key", "source")
+GROUPS = ("tenant", "model", "day", "key", "source", "endpoint")
 
 
 @dataclass
@@ -138,6 +138,7 @@ def usage_report(
         "day": _day(engine),
         "key": func.coalesce(u.key_id, ""),
         "source": u.source,
+        "endpoint": u.endpoint,
     }
     hit = u.cache == "hit"
     backend_prompt = func.sum(case((hit, 0), else_=u.prompt_tokens))

@@ -13,8 +13,9 @@ from backends.pool import ReplicaPool
 from cache.semantic_cache import SemanticCache
 from gateway.budgets import BudgetGuard, build_budget_guard, close_budget_guard
 from gateway.db import UsageRecord, get_engine, migrate
+from gateway.dialects.responses.service import ResponsesService
 from gateway.limits import Limiter, MemoryCounters, RedisCounters
-from gateway.pipeline import Pipeline
+from gateway.pipeline import Call, Outcome, Pipeline
 from gateway.pricing import PriceBook
 from gateway.settings import Settings
 from gateway.usage_writer import UsageWriter
@@ -32,6 +33,14 @@ class Runtime:
     prices: PriceBook
     pipeline: Pipeline
     budgets: BudgetGuard
+    responses: ResponsesService
+
+    async def serve(self, call: Call) -> Outcome:
+        """Runs a call a worker took (async job or batch line): dialects that
+        translate onto the pipeline first, every other endpoint straight in."""
+        if call.endpoint == "responses":
+            return await self.responses.run(call)
+        return await self.pipeline.run(call)
 
     async def close(self) -> None:
         await self.pipeline.drain()
@@ -79,5 +88,15 @@ async def build_runtime(
 
     pipeline = Pipeline(pool, cache, usage, limiter, prices, budget_check=budgets, observe=observed)
     return Runtime(
-        settings, engine, pool, cache, usage, counters, limiter, prices, pipeline, budgets
+        settings,
+        engine,
+        pool,
+        cache,
+        usage,
+        counters,
+        limiter,
+        prices,
+        pipeline,
+        budgets,
+        ResponsesService(pipeline, engine),
     )

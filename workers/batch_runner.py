@@ -155,7 +155,7 @@ class BatchRunner:
             source="batch",
         )
         try:
-            outcome = await self.rt.pipeline.run(call)
+            outcome = await self.rt.serve(call)
             status, answer = outcome.status, outcome.body
         except Exception:  # a bug must not leave the line pending forever
             log.exception("batch %s line %d crashed", batch.id, line.line_no)

@@ -27,7 +27,7 @@ async def run_job(rt: Runtime, job_id: str) -> None:
         source="async",
         cache_control=job.cache_control,
     )
-    outcome = await rt.pipeline.run(call)
+    outcome = await rt.serve(call)
     stored = await asyncio.to_thread(finish_job, rt.engine, job_id, outcome.status, outcome.body)
     if not stored:
         log.info("job %s was cancelled while it ran; its answer is dropped", job_id)

@@ -38,7 +38,10 @@ def parse_since(value: str | None, now: datetime | None = None) -> datetime | No
 @report_app.callback()
 def report(
     group_by: str = typer.Option(
-        "tenant", "--group-by", "-g", help="tenant, model, day, key, source; comma-separated"
+        "tenant",
+        "--group-by",
+        "-g",
+        help="tenant, model, day, key, source, endpoint; comma-separated",
     ),
     format: str = typer.Option("table", "--format", "-f", help="table | json | csv"),
     tenant: str | None = typer.Option(None, help="only this tenant (id or name)"),

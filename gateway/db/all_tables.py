@@ -6,3 +6,4 @@ import gateway.db.files  # noqa: F401
 import gateway.db.jobs  # noqa: F401
 import gateway.db.tenants  # noqa: F401
 import gateway.db.usage  # noqa: F401
+import gateway.dialects.responses.store  # noqa: F401  (Responses state; migration 0004)

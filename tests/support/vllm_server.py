@@ -38,6 +38,16 @@ DEFAULT_SERVE_ARGS: tuple[str, ...] = (
     "--enforce-eager",
     "--kv-cache-memory-bytes",
     "256M",
+    # vLLM refuses every `tool_choice` but "none" without a tool-call parser, as it
+    # would for a real deployment. The pythonic parser needs no special tokens; forced
+    # and "required" tool calls are produced by guided decoding, not by the parser.
+    "--enable-auto-tool-choice",
+    "--tool-call-parser",
+    "pythonic",
+    # Random weights would otherwise fill guided JSON (tool arguments, json_schema
+    # output) with whitespace until max_tokens; compact JSON ends in a few tokens.
+    "--structured-outputs-config",
+    '{"backend": "xgrammar", "disable_any_whitespace": true}',
 )
 
 _METRIC_LINE = re.compile(
