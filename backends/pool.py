@@ -21,6 +21,7 @@ import orjson
 from httpx_aiohttp import AiohttpTransport
 
 from backends.breaker import CircuitBreaker
+from backends.capabilities import HOSTED, fetch_capabilities
 from backends.config import BackendSettings, ModelConfig, ReplicaConfig
 from backends.discovery import DiscoveredModel, fetch_models, replica_for
 from backends.errors import (
@@ -32,7 +33,7 @@ from backends.errors import (
     error_from_upstream,
 )
 from backends.hosted import HOSTED_PREFIX, HostedProvider, Target, choose_target
-from backends.replica import Replica
+from backends.replica import Replica, root_url
 from backends.routing import affinity_hash, pick_replica
 from backends.upstream import SseReader, UpstreamResponse, UpstreamStream
 from backends.vllm_metrics import parse_vllm_metrics
@@ -91,6 +92,10 @@ class ReplicaPool:
         self.hosted = HostedProvider()
         self._entries: dict[str, _ModelEntry] = {}
         self._names: dict[str, str] = {}  # public name or alias -> canonical name
+        # Server root -> what its /openapi.json lists (None: no readable document).
+        # Learnt once per server; forgotten when it goes down, since what comes
+        # back at that address may serve another model.
+        self._capabilities: dict[str, frozenset[str] | None] = {}
         self._pending_discovery: list[str] = list(dict.fromkeys(settings.discover))
         self._discovery_lock = asyncio.Lock()
         self._last_discovery = 0.0
@@ -221,6 +226,24 @@ class ReplicaPool:
         canonical = self._names.get(model)
         return list(self._entries[canonical].replicas) if canonical else []
 
+    def capabilities(self, model: str) -> set[str] | None:
+        """What `model` can serve (names of backends.capabilities.ROUTES), or
+        None while any of its replicas' servers has not told (not yet asked, or
+        no readable OpenAPI document): unknown means refuse nothing."""
+        canonical = self._names.get(model)
+        if canonical is None:
+            return None
+        entry = self._entries[canonical]
+        served: set[str] = set(HOSTED) if entry.config.hosted else set()
+        if not entry.replicas and not served:
+            return None
+        for replica in entry.replicas:
+            known = self._capabilities.get(replica.root)
+            if known is None:
+                return None
+            served |= known
+        return served
+
     def _entry(self, model: str) -> _ModelEntry:
         canonical = self._names.get(model)
         if canonical is None:
@@ -234,17 +257,19 @@ class ReplicaPool:
             return
         self._last_discovery = time.monotonic()
         urls = list(self._pending_discovery)
-        results = await asyncio.gather(
-            *(
-                fetch_models(
-                    self._client,
-                    url,
-                    api_key=self.settings.discover_api_key,
-                    timeout=self._probe_timeout,
-                )
-                for url in urls
+        key = self.settings.discover_api_key
+        # Capabilities are read alongside, so no model is listed without them.
+        results, _ = await asyncio.gather(
+            asyncio.gather(
+                *(
+                    fetch_models(self._client, url, api_key=key, timeout=self._probe_timeout)
+                    for url in urls
+                ),
+                return_exceptions=True,
             ),
-            return_exceptions=True,
+            self._learn_capabilities(
+                {root_url(url): f"Bearer {key}" if key else None for url in urls}
+            ),
         )
         for url, result in zip(urls, results, strict=True):
             if isinstance(result, BaseException):
@@ -289,10 +314,37 @@ class ReplicaPool:
             return
         results = await asyncio.gather(*(self._probe(url, auth) for url, auth in targets))
         now = time.monotonic()
+        unknown: dict[str, str | None] = {}
         for group, ok in zip(targets.values(), results, strict=True):
             for replica in group:
                 replica.health_checked_at = now
                 self._set_health(replica, ok)
+                if not ok:
+                    self._capabilities.pop(replica.root, None)
+                elif replica.root not in self._capabilities:
+                    unknown[replica.root] = replica.headers.get("authorization")
+        await self._learn_capabilities(unknown)
+
+    async def _learn_capabilities(self, servers: dict[str, str | None]) -> None:
+        """Read the OpenAPI document of each server root not asked yet (root ->
+        authorization header); one that does not answer is asked next round."""
+        servers = {root: auth for root, auth in servers.items() if root not in self._capabilities}
+        if not servers:
+            return
+        results = await asyncio.gather(
+            *(
+                fetch_capabilities(
+                    self._client, root, authorization=auth, timeout=self._probe_timeout
+                )
+                for root, auth in servers.items()
+            ),
+            return_exceptions=True,
+        )
+        for root, result in zip(servers, results, strict=True):
+            if isinstance(result, BaseException):
+                log.debug("capabilities of %s unknown: %r", root, result)
+            else:
+                self._capabilities[root] = result
 
     async def _probe(self, url: str, authorization: str | None) -> bool:
         headers = {"authorization": authorization} if authorization else None
@@ -414,10 +466,15 @@ class ReplicaPool:
         affinity_key: str | None = None,
         timeout: float | None = None,
         at_root: bool = False,
+        content: bytes | None = None,
+        content_type: str | None = None,
     ) -> UpstreamResponse:
         """One JSON request to a replica of `model`. `path` is relative to the
         replica's OpenAI base URL (`.../v1`), or to its server root with
-        `at_root` (vLLM's /tokenize, /rerank, ...)."""
+        `at_root` (vLLM's /tokenize, /rerank, ...). With `content` that body is
+        sent as it is, under `content_type` (a multipart upload), instead of
+        `body` as JSON: nothing in it is rewritten (not the model name, not the
+        priority), and every retry sends the same bytes."""
         result = await self._dispatch(
             self._entry(model),
             path,
@@ -427,6 +484,9 @@ class ReplicaPool:
             timeout,
             streaming=False,
             at_root=at_root,
+            raw=(content, content_type or "application/octet-stream")
+            if content is not None
+            else None,
         )
         assert isinstance(result, UpstreamResponse)
         return result
@@ -458,6 +518,7 @@ class ReplicaPool:
         *,
         streaming: bool,
         at_root: bool = False,
+        raw: tuple[bytes, str] | None = None,
     ) -> UpstreamResponse | UpstreamStream:
         config = entry.config
         key_hash = affinity_hash(affinity_key) if affinity_key else None
@@ -494,7 +555,7 @@ class ReplicaPool:
                 if streaming:
                     return await self._send_stream(replica, path, body, priority, http_timeout)
                 return await self._send(
-                    replica, path, body, priority, http_timeout, at_root=at_root
+                    replica, path, body, priority, http_timeout, at_root=at_root, raw=raw
                 )
             except _Retryable as failure:
                 last_error = failure.error
@@ -587,8 +648,12 @@ class ReplicaPool:
         timeout: httpx.Timeout,
         *,
         at_root: bool = False,
+        raw: tuple[bytes, str] | None = None,
     ) -> UpstreamResponse:
-        content = self._payload(replica, body, priority)
+        if raw is None:
+            content, headers = self._payload(replica, body, priority), replica.headers
+        else:
+            content, headers = raw[0], {**replica.headers, "content-type": raw[1]}
         base = replica.root if at_root else replica.url
         replica.outstanding += 1
         replica.requests_total += 1
@@ -596,7 +661,7 @@ class ReplicaPool:
         try:
             try:
                 response = await self._client.post(
-                    base + path, content=content, headers=replica.headers, timeout=timeout
+                    base + path, content=content, headers=headers, timeout=timeout
                 )
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 verdict = False

@@ -18,18 +18,19 @@ import anyio
 import orjson
 from sqlalchemy.orm import configure_mappers
 
-from backends.errors import BackendError
+from backends.errors import BackendError, UpstreamError
 from backends.pool import ReplicaPool
 from cache.keys import canonical_hash, namespace_for
 from cache.policy import cache_decision
 from cache.semantic_cache import SemanticCache
 from cache.singleflight import SingleFlight
 from gateway.caller import TIER_PRIORITY, Caller
+from gateway.capabilities import missing_route, require
 from gateway.db import UsageRecord
 from gateway.errors import APIError, error_body, from_backend
 from gateway.limits import Limiter, estimate_tokens
 from gateway.pricing import PriceBook
-from gateway.protocol import ENDPOINTS
+from gateway.protocol import ENDPOINTS, Upload
 from gateway.sse import DONE, StreamAssembler, event, parse_event, replay
 from gateway.usage_writer import UsageWriter
 
@@ -122,6 +123,7 @@ class Pipeline:
                     param="model",
                 )
             meter.model = canonical
+            require(model, call.endpoint, call.api, self.pool.capabilities(canonical))
             estimate = estimate_tokens(call.body)
             headers.update(await self.limiter.admit(call.caller, estimate))
             meter.admitted_tokens = estimate
@@ -175,10 +177,16 @@ class Pipeline:
             if hit is not None:
                 return self._replay_hit(call, meter, headers, hit)
         meter.cache = "miss" if store else "bypass"
-        path = ENDPOINTS[call.endpoint][0]
+        path = ENDPOINTS[call.endpoint].path
         upstream_body = {**body, "model": meter.model}
         if stream:
-            return await self._stream(call, meter, headers, path, upstream_body, namespace)
+            try:
+                return await self._stream(call, meter, headers, path, upstream_body, namespace)
+            except UpstreamError as exc:
+                refusal = self._no_route(call, meter, exc)
+                if refusal is None:
+                    raise
+                raise refusal from exc
         if store:
             # Identical concurrent misses share one backend call.
             resp = await self.flights.do(
@@ -200,14 +208,32 @@ class Pipeline:
     async def _call_backend(
         self, call: Call, meter: _Meter, path: str, body: dict[str, Any]
     ) -> tuple[int, dict[str, Any], str]:
-        resp = await self.pool.request(
-            meter.model,
-            path,
-            body,
-            priority=request_priority(call),
-            affinity_key=affinity_key(body),
-        )
+        # A multipart upload goes as the client sent it; everything else as JSON.
+        upload = call.body if isinstance(call.body, Upload) else None
+        try:
+            resp = await self.pool.request(
+                meter.model,
+                path,
+                body,
+                priority=request_priority(call),
+                affinity_key=affinity_key(body),
+                at_root=ENDPOINTS[call.endpoint].at_root,
+                content=upload.content if upload is not None else None,
+                content_type=upload.content_type if upload is not None else None,
+            )
+        except UpstreamError as exc:
+            refusal = self._no_route(call, meter, exc)
+            if refusal is None:
+                raise
+            raise refusal from exc
         return resp.status, resp.body, resp.replica
+
+    def _no_route(self, call: Call, meter: _Meter, exc: UpstreamError) -> APIError | None:
+        # The backend has no such path: the model cannot serve this endpoint,
+        # said as clearly as when its capabilities were known up front.
+        model = str(call.body.get("model") or meter.model)
+        served = self.pool.capabilities(meter.model)
+        return missing_route(exc, model, call.api or call.endpoint, served)
 
     def _replay_hit(self, call: Call, meter: _Meter, headers: dict[str, str], hit: Any) -> Outcome:
         response = dict(hit.response)

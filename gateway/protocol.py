@@ -91,6 +91,14 @@ class _OneBody(_Open):
 
     model: str = Field(min_length=1)
     stream: bool | None = None
+    # What TPM admission reads of any body (limits.estimate_tokens), typed so
+    # that no endpoint's body can break it.
+    prompt: str | list[Any] | None = None
+    input: str | list[Any] | None = None
+    messages: list[dict[str, Any]] | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    n: int | None = None
 
     @field_validator("stream")
     @classmethod
@@ -103,7 +111,7 @@ class _OneBody(_Open):
 class TokenizeRequest(_OneBody):
     # One of the two (vLLM's completion and chat shapes); the route checks it.
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = None  # type: ignore[assignment]
 
 
 class DetokenizeRequest(_OneBody):

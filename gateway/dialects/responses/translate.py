@@ -13,8 +13,8 @@ from typing import Any
 
 from gateway.errors import APIError
 
-# Request keys copied as they are into the Response object.
-ECHOED = ("instructions", "max_output_tokens", "metadata", "previous_response_id", "user")
+# Request keys copied as they are into the Response object (null when not given).
+ECHOED = ("instructions", "max_output_tokens", "metadata", "previous_response_id")
 
 
 def _bad(message: str, param: str) -> APIError:
@@ -266,13 +266,17 @@ def function_call_item(
     }
 
 
-def output_items(message: dict[str, Any], ids: ItemIds) -> list[dict[str, Any]]:
-    """Output items of one chat answer: its text, then one item per tool call."""
+def output_items(
+    message: dict[str, Any], ids: ItemIds, status: str = "completed"
+) -> list[dict[str, Any]]:
+    """Output items of one chat answer: its text, then one item per tool call.
+    `status` is the items' own: "incomplete" when max_output_tokens cut them, as
+    the stream's items say (events._item_status)."""
     items = []
     text = message.get("content")
     calls = message.get("tool_calls") or []
     if text or not calls:
-        items.append(message_item(ids.message(), text or ""))
+        items.append(message_item(ids.message(), text or "", status))
     for i, call in enumerate(calls):
         fn = call.get("function") or {}
         items.append(
@@ -281,6 +285,7 @@ def output_items(message: dict[str, Any], ids: ItemIds) -> list[dict[str, Any]]:
                 call.get("id") or ids.call_id(i),
                 str(fn.get("name") or ""),
                 str(fn.get("arguments") or ""),
+                status,
             )
         )
     return items
@@ -353,15 +358,32 @@ def response_object(
         "temperature": body.get("temperature", 1.0),
         "text": {"format": fmt},
         "tool_choice": body.get("tool_choice") or "auto",
-        "tools": body.get("tools") or [],
+        "tools": [_echo_tool(tool) for tool in body.get("tools") or []],
         "top_p": body.get("top_p", 1.0),
         "truncation": body.get("truncation") or "disabled",
-        "usage": usage,
     }
     for key in ECHOED:
         response[key] = body.get(key)
+    # The spec types `usage` as an object and `user` as a string, neither nullable:
+    # they are left out until there is a value.
+    if usage is not None:
+        response["usage"] = usage
+    if body.get("user") is not None:
+        response["user"] = body["user"]
     response["metadata"] = body.get("metadata") or {}
     return response
+
+
+def _echo_tool(tool: dict[str, Any]) -> dict[str, Any]:
+    # The Response lists each function tool with every field the spec
+    # requires, whether or not the request spelled it out.
+    return {
+        **tool,
+        "type": "function",
+        "description": tool.get("description"),
+        "parameters": tool.get("parameters"),
+        "strict": tool.get("strict"),
+    }
 
 
 def from_chat(
@@ -375,7 +397,7 @@ def from_chat(
         body,
         status=status,
         created_at=created_at,
-        output=output_items(choice.get("message") or {}, ids),
+        output=output_items(choice.get("message") or {}, ids, status),
         usage=usage_of(chat.get("usage")),
         incomplete=incomplete,
     )
