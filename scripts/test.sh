@@ -107,6 +107,21 @@ install_chromium() {
   fi
 }
 
+# ------------------------------------------------------------------ node
+install_node_deps() {
+  # The OpenAI Node SDK for tests/test_responses_node.py, from the committed lock file;
+  # again only when the lock file is newer than the last install.
+  local dir=$ROOT/tests/node
+  if ! command -v npm >/dev/null 2>&1; then
+    warn "node/npm not found; the Node SDK tests (tests/test_responses_node.py) will fail"
+    return 0
+  fi
+  local stamp=$dir/node_modules/.package-lock.json
+  if [ -f "$stamp" ] && [ ! "$dir/package-lock.json" -nt "$stamp" ]; then return 0; fi
+  log "installing the OpenAI Node SDK into tests/node (npm ci)"
+  (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error) || warn "npm ci failed in tests/node"
+}
+
 # ------------------------------------------------------------------ services
 listening() { timeout 1 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null; }
 
@@ -167,6 +182,7 @@ start_services() {
 install_project_venv
 install_vllm_venv
 install_chromium
+install_node_deps
 start_services
 
 export BEARPAW_VLLM_PYTHON=${BEARPAW_VLLM_PYTHON:-$VLLM_VENV/bin/python}

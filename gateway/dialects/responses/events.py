@@ -46,6 +46,7 @@ class StreamState:
     open_calls: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
+    broken: bool = False  # the backend failed before the answer was finished
 
 
 def _emit(state: StreamState, kind: str, **fields: Any) -> bytes:
@@ -160,7 +161,8 @@ def _call_delta(state: StreamState, delta: dict[str, Any]) -> list[bytes]:
 
 
 def _item_status(state: StreamState) -> str:
-    return "incomplete" if state.finish_reason == "length" else "completed"
+    cut = state.broken or state.finish_reason == "length"
+    return "incomplete" if cut else "completed"
 
 
 def _close_text(state: StreamState) -> list[bytes]:

@@ -201,6 +201,7 @@ class ResponsesService:
             if close is not None:
                 await close()
         if not done or error is not None:
+            state.broken = True
             for event in events.close_items(state):
                 yield event
             for event in events.failed(state, error or "The backend stream ended early."):
