@@ -73,6 +73,10 @@ class StreamAssembler:
                 cur["function"]["arguments"] += fn.get("arguments") or ""
             if c.get("finish_reason"):
                 slot["finish_reason"] = c["finish_reason"]
+            if c.get("stop_reason") is not None:
+                # vLLM's extra: which stop string ended the answer (the
+                # Messages API reports it as stop_sequence, also on a cache hit).
+                slot["stop_reason"] = c["stop_reason"]
 
     @property
     def text_generated(self) -> str:
@@ -90,14 +94,15 @@ class StreamAssembler:
                 if s["tc"]:
                     message["tool_calls"] = [s["tc"][k] for k in sorted(s["tc"])]
                     message["content"] = text or None
-                choices.append(
-                    {
-                        "index": idx,
-                        "message": message,
-                        "logprobs": None,
-                        "finish_reason": s["finish_reason"],
-                    }
-                )
+                choice = {
+                    "index": idx,
+                    "message": message,
+                    "logprobs": None,
+                    "finish_reason": s["finish_reason"],
+                }
+                if s.get("stop_reason") is not None:
+                    choice["stop_reason"] = s["stop_reason"]
+                choices.append(choice)
             else:
                 choices.append(
                     {
@@ -170,6 +175,8 @@ def replay(response: dict[str, Any], include_usage: bool) -> Iterator[bytes]:
                     }
                 )
             final = {"index": idx, "delta": {}, "finish_reason": choice.get("finish_reason")}
+            if choice.get("stop_reason") is not None:
+                final["stop_reason"] = choice["stop_reason"]
         else:
             for piece in _pieces(choice.get("text") or ""):
                 yield event(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import anthropic
@@ -725,7 +726,7 @@ def test_stop_sequences(client):
 
 
 @pytest.mark.parametrize("with_tools", [False, True])
-def test_count_tokens_equals_create_input_tokens(client, with_tools):
+def test_count_tokens_equals_create_input_tokens(client, gateway, with_tools):
     kwargs: dict[str, Any] = {
         "model": "tiny",
         "system": [{"type": "text", "text": "You are a weather bot."}],
@@ -737,9 +738,14 @@ def test_count_tokens_equals_create_input_tokens(client, with_tools):
     }
     if with_tools:
         kwargs.update(tools=TOOLS, tool_choice={"type": "tool", "name": "get_weather"})
-    counted = client.messages.count_tokens(**kwargs)
+    raw = client.messages.with_raw_response.count_tokens(**kwargs)
+    counted = raw.parse()
     created = client.messages.create(max_tokens=60, extra_body=GREEDY, **kwargs)
     assert counted.input_tokens == created.usage.input_tokens > 0
+    # Counting went through the pipeline (admitted, routed, metered) and generated
+    # nothing: one record, no tokens billed.
+    rows = _usage_rows(gateway, raw.http_response.headers["request-id"])
+    assert rows == [("messages.count_tokens", 200, False, 0, 0)]
 
 
 def test_error_types_through_the_sdk(gateway, client):
@@ -898,6 +904,27 @@ def test_cache_hits_answer_messages_plain_and_streamed(vllm_server, tmp_path):
         assert again.id != first.id  # a hit is a new message
         rows = _usage_rows(gw, hit.headers["x-request-id"])
         assert [tuple(r[:2]) for r in rows] == [("messages", 200)]
+
+        # An answer cut by a stop sequence, stored from a streamed miss, still says
+        # which sequence stopped it when served from the cache (plain and streamed).
+        text = first.content[0].text
+        stop = next(
+            text[i : i + 2]
+            for i in range(1, len(text) - 1)
+            if text[i : i + 2].strip() == text[i : i + 2] and text.index(text[i : i + 2]) > 0
+        )
+        stopped = {**ask, "stop_sequences": [stop], "max_tokens": 12}
+        with cached.messages.stream(**stopped) as stream:
+            live = stream.get_final_message()
+            assert stream.response.headers["x-bearpaw-cache"] == "miss"
+        assert (live.stop_reason, live.stop_sequence) == ("stop_sequence", stop)
+        time.sleep(0.5)  # the cache store runs after the answer
+        plain_hit = cached.messages.with_raw_response.create(**stopped)
+        assert plain_hit.headers["x-bearpaw-cache"] == "hit"
+        with cached.messages.stream(**stopped) as stream:
+            streamed_hit = stream.get_final_message()
+        for answer in (plain_hit.parse(), streamed_hit):
+            assert (answer.stop_reason, answer.stop_sequence) == ("stop_sequence", stop)
     finally:
         gw.stop()
 

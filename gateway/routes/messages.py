@@ -135,9 +135,9 @@ async def _stream(state: Any, call: Call, stream_state: StreamState) -> Response
 
 async def _count(request: Request, request_id: str) -> Response:
     state = request.app.state.bearpaw
-    await _caller(request)
+    caller = await _caller(request)
     req = parse(CountTokensRequest, await read_json(request, state.settings.max_body_bytes))
-    count = await count_input_tokens(state.pool, req)
+    count = await count_input_tokens(state.pipeline, caller, request_id, req)
     return _json({"input_tokens": count}, {"request-id": request_id})
 
 
