@@ -106,6 +106,12 @@ def test_plain_response_is_vllms_answer_metered_once(bearpaw_stack, vllm_server)
     assert _usage_rows(bearpaw_stack, request_id) == [
         ("responses", "interactive", prompt, generated, "miss")
     ]
+    # Reports split by endpoint (`bearpaw report --group-by endpoint` reads this).
+    from gateway.reports import usage_report
+
+    rows = {r.group["endpoint"]: r for r in usage_report(bearpaw_stack.engine, ["endpoint"]).rows}
+    assert rows["responses"].requests >= 1
+    assert rows["responses"].completion_tokens >= generated
 
 
 def _events(stream) -> list:
