@@ -16,7 +16,8 @@ def new_request_id() -> str:
     return "req_" + secrets.token_hex(12)
 
 
-async def read_json(request: Request, limit: int) -> dict[str, Any]:
+async def read_body(request: Request, limit: int, expected: str = "a JSON object") -> bytes:
+    """The whole body, refused with 413 past `limit` bytes and 400 when empty."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
@@ -26,7 +27,13 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
         if len(raw) > limit:
             raise _too_large(limit)
     if not raw:
-        raise APIError(400, "The request body is empty; send a JSON object.", code="invalid_json")
+        code = "invalid_json" if "JSON" in expected else None
+        raise APIError(400, f"The request body is empty; send {expected}.", code=code)
+    return bytes(raw)
+
+
+async def read_json(request: Request, limit: int) -> dict[str, Any]:
+    raw = await read_body(request, limit)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:

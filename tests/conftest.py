@@ -6,6 +6,8 @@ more than fixture wiring belongs in tests/support/):
     1. collection      markers applied from fixture use
     2. real vLLM       ``vllm_server``, ``vllm_pair`` (tests/support/vllm_server.py)
     3. fault upstream  ``fault_server`` (tests/support/fault_server.py)
+    4. processes       ``bearpaw_stack``: a gateway and a Celery worker
+    5. one gateway     ``gateway``, ``key``: a plain gateway process shared by modules
 """
 
 from __future__ import annotations
@@ -145,3 +147,31 @@ def bearpaw_stack(tmp_path_factory: pytest.TempPathFactory, vllm_server: VllmSer
     ).start()
     yield stack
     stack.stop()
+
+
+# =====================================================================================
+# 5. one plain gateway process (cache off) in front of ``vllm_server``
+# =====================================================================================
+
+
+@pytest.fixture(scope="session")
+def gateway(vllm_server, tmp_path_factory: pytest.TempPathFactory):
+    """A gateway with the cache off, shared by the API surface modules (OpenAI,
+    Messages, pass-through). A module that needs other settings defines its own."""
+    from tests.support.gateway_process import GatewayProcess
+
+    gw = GatewayProcess(
+        tmp_path_factory.mktemp("gw-plain"),
+        backends=[vllm_server.base_url],
+        env={"BEARPAW_CACHE__ENABLED": "false", "BEARPAW_MAX_BODY_BYTES": "200000"},
+    ).start()
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture(scope="session")
+def key(gateway) -> str:
+    """A key of tenant ``acme`` on ``gateway``, once the gateway serves ``tiny``."""
+    secret = gateway.create_key("acme")
+    gateway.wait_models(secret, {"tiny"})
+    return secret

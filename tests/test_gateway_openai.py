@@ -11,27 +11,7 @@ import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from tests.support.gateway_process import GatewayProcess
-
 MSG = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello"}]
-
-
-@pytest.fixture(scope="module")
-def gateway(vllm_server, tmp_path_factory):
-    gw = GatewayProcess(
-        tmp_path_factory.mktemp("gw-openai"),
-        backends=[vllm_server.base_url],
-        env={"BEARPAW_CACHE__ENABLED": "false", "BEARPAW_MAX_BODY_BYTES": "200000"},
-    ).start()
-    yield gw
-    gw.stop()
-
-
-@pytest.fixture(scope="module")
-def key(gateway):
-    secret = gateway.create_key("acme")
-    gateway.wait_models(secret, {"tiny"})
-    return secret
 
 
 @pytest.fixture(scope="module")

@@ -533,17 +533,6 @@ async def test_pipeline_failure_after_message_start_is_an_error_event() -> None:
 
 
 @pytest.fixture(scope="module")
-def gateway(vllm_server, tmp_path_factory):
-    gw = GatewayProcess(
-        tmp_path_factory.mktemp("gw-messages"),
-        backends=[vllm_server.base_url],
-        env={"BEARPAW_CACHE__ENABLED": "false", "BEARPAW_MAX_BODY_BYTES": "200000"},
-    ).start()
-    yield gw
-    gw.stop()
-
-
-@pytest.fixture(scope="module")
 def key(gateway):
     secret = gateway.create_key("anthro")
     gateway.wait_models(secret, {"tiny"})

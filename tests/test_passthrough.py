@@ -27,24 +27,6 @@ NOT_SERVED = {"embeddings", "rerank", "score", "audio.transcriptions", "audio.tr
 
 
 @pytest.fixture(scope="module")
-def gateway(vllm_server, tmp_path_factory):
-    gw = GatewayProcess(
-        tmp_path_factory.mktemp("gw-passthrough"),
-        backends=[vllm_server.base_url],
-        env={"BEARPAW_CACHE__ENABLED": "false", "BEARPAW_MAX_BODY_BYTES": "200000"},
-    ).start()
-    yield gw
-    gw.stop()
-
-
-@pytest.fixture(scope="module")
-def key(gateway):
-    secret = gateway.create_key("acme")
-    gateway.wait_models(secret, {"tiny"})
-    return secret
-
-
-@pytest.fixture(scope="module")
 def client(gateway, key):
     return OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0, timeout=120)
 

@@ -23,7 +23,7 @@ from gateway.auth import require_caller
 from gateway.errors import APIError
 from gateway.pipeline import Call
 from gateway.protocol import ENDPOINTS, Upload
-from gateway.requests import read_json, validate
+from gateway.requests import read_body, read_json, validate
 from gateway.routes.inference import _until_disconnect, to_response
 
 router = APIRouter(tags=["passthrough"])
@@ -59,7 +59,7 @@ async def _upload(request: Request, endpoint: str) -> Response:
                 "`file` and `model`.",
                 code="invalid_content_type",
             )
-        content = await _read_body(request, state.settings.max_body_bytes)
+        content = await read_body(request, state.settings.max_body_bytes, "a multipart form")
         call.body = await _form_fields(request, content)
         _default_model(call.body, state.pool)
         validate(ENDPOINTS[endpoint].request, call.body)
@@ -93,28 +93,6 @@ def _one_input(body: dict[str, Any]) -> None:
             param="prompt",
             code="missing_required_parameter",
         )
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)
-    raw = bytearray()
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > limit:
-            raise _too_large(limit)
-    if not raw:
-        raise APIError(400, "The request body is empty; send a multipart form.")
-    return bytes(raw)
-
-
-def _too_large(limit: int) -> APIError:
-    return APIError(
-        413,
-        f"The request body is larger than the limit of {limit} bytes.",
-        code="request_too_large",
-    )
 
 
 async def _form_fields(request: Request, content: bytes) -> dict[str, Any]:

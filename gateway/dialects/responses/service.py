@@ -109,17 +109,7 @@ class ResponsesService:
     ) -> tuple[translate.ItemIds, list[dict[str, Any]], Call]:
         ids = translate.ItemIds(call.request_id)
         items = translate.input_items(call.body["input"], lambda i: _input_id(ids, i))
-        messages = translate.chat_messages(call.body.get("instructions"), [*context, *items])
-        chat = Call(
-            endpoint="chat.completions",
-            body=translate.chat_body(call.body, messages),
-            caller=call.caller,
-            request_id=call.request_id,
-            source=call.source,
-            cache_control=call.cache_control,
-            api=API,
-        )
-        return ids, items, chat
+        return ids, items, _chat_call(call, [*context, *items])
 
     async def _answer(self, call: Call, context: list[dict[str, Any]]) -> Outcome:
         created = time.time()
@@ -257,18 +247,7 @@ class ResponsesService:
             # Cancelled or deleted before a worker got to it: nothing to run.
             return Outcome(200, row.as_object() if row else None)
         ids = translate.ItemIds(call.request_id)
-        messages = translate.chat_messages(
-            call.body.get("instructions"), [*row.context_items, *row.input_items]
-        )
-        chat = Call(
-            endpoint="chat.completions",
-            body=translate.chat_body(call.body, messages),
-            caller=call.caller,
-            request_id=call.request_id,
-            source=call.source,
-            cache_control=call.cache_control,
-            api=API,
-        )
+        chat = _chat_call(call, [*row.context_items, *row.input_items])
         created = row.response.get("created_at") or time.time()
         outcome = await self.pipeline.run(chat)
         if outcome.status >= 400 or outcome.body is None:
@@ -283,6 +262,15 @@ class ResponsesService:
             row = await self._db(store.get, self.engine, call.caller.tenant_id, response_id)
             return Outcome(200, row.as_object() if row else None)
         return Outcome(200 if outcome.status < 400 else outcome.status, response)
+
+
+def _chat_call(call: Call, items: list[dict[str, Any]]) -> Call:
+    """The chat completion call that answers `call` over conversation `items`:
+    same caller, request id and source, metered as a Responses request."""
+    messages = translate.chat_messages(call.body.get("instructions"), items)
+    return replace(
+        call, endpoint="chat.completions", body=translate.chat_body(call.body, messages), api=API
+    )
 
 
 def _input_id(ids: translate.ItemIds, index: int) -> str:
