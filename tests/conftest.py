@@ -8,6 +8,7 @@ more than fixture wiring belongs in tests/support/):
     3. fault upstream  ``fault_server`` (tests/support/fault_server.py)
     4. processes       ``bearpaw_stack``: a gateway and a Celery worker
     5. one gateway     ``gateway``, ``key``: a plain gateway process shared by modules
+    6. PostgreSQL      ``pg_url``: a fresh database of its own for one test
 """
 
 from __future__ import annotations
@@ -175,3 +176,25 @@ def key(gateway) -> str:
     secret = gateway.create_key("acme")
     gateway.wait_models(secret, {"tiny"})
     return secret
+
+
+# =====================================================================================
+# 6. a fresh PostgreSQL database for one test
+# =====================================================================================
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """The SQLAlchemy URL of a new, empty database, dropped after the test."""
+    import secrets
+
+    import psycopg
+
+    name = f"bearpaw_t_{secrets.token_hex(4)}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

@@ -9,31 +9,15 @@ stream: up to [DONE]) must have its usage row in the database with its tokens.
 from __future__ import annotations
 
 import json
-import secrets
 import signal
 import threading
 import time
-from collections.abc import Iterator
 
 import httpx
-import psycopg
-import pytest
 from sqlalchemy import create_engine, select
 
 from gateway.db import UsageRecord
 from tests.support.gateway_process import GatewayProcess
-
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    name = f"bearpaw_crash_{secrets.token_hex(4)}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def _one(client: httpx.Client, key: str, stream: bool, i: int) -> dict | None:

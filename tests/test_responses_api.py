@@ -8,11 +8,9 @@ import io
 import json
 import secrets
 import time
-from collections.abc import Iterator
 
 import httpx
 import openai
-import psycopg
 import pytest
 from sqlalchemy import text
 
@@ -31,7 +29,6 @@ WEATHER = {
         "additionalProperties": False,
     },
 }
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 
 
 def _client(stack: BearpawStack, key: str | None = None) -> openai.OpenAI:
@@ -312,16 +309,6 @@ def test_state_crud_store_false_and_tenant_isolation(bearpaw_stack):
     acme.responses.delete(first.id)
     with pytest.raises(openai.NotFoundError):
         acme.responses.retrieve(first.id)
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    name = f"bearpaw_resp_{secrets.token_hex(4)}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def test_chain_spans_replicas_gateway_processes_and_a_restart(vllm_pair, pg_url, tmp_path):
