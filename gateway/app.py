@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from gateway.async_jobs import AsyncJobs
+from gateway.console.router import install as install_console
 from gateway.errors import install_handlers
 from gateway.middleware import RequestIdMiddleware
 from gateway.observability import GatewayMetrics, QueueDepthPoller, configure_logging
@@ -117,6 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         *EXTRA_ROUTERS,
     ):
         app.include_router(router)
+    install_console(app)
     app.add_middleware(_LazyRequestId, holder=middleware_metrics)
     return app
 

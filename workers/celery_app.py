@@ -9,20 +9,31 @@ worker process takes one message at a time.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
+from celery.signals import (
+    celeryd_init,
+    setup_logging,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+)
 
 from gateway.async_jobs import unfinished_job_ids
 from gateway.batch_store import active_batch_ids
 from gateway.db import get_engine, migrate
+from gateway.observability import JsonFormatter, configure_logging
 from gateway.settings import get_settings
 from gateway.task_queue import RUN_BATCH, RUN_JOB, broker_options
 
 log = logging.getLogger("bearpaw.workers")
 
 settings = get_settings()
+if settings.log_json:
+    # Model loading draws tqdm progress bars on stderr: not log records.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 app = Celery("bearpaw", broker=settings.celery_broker_url, include=["workers.tasks"])
 app.conf.update(
@@ -36,6 +47,45 @@ app.conf.update(
     ),
     worker_hijack_root_logger=False,
 )
+
+
+def _json_logging(celery_level: Any) -> None:
+    configure_logging(settings.log_level, settings.log_json)
+    handler = logging.StreamHandler()
+    if settings.log_json:
+        handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(celery_level or logging.WARNING)
+    # Python warnings (Celery's one about running as root, say) become records.
+    logging.captureWarnings(True)
+    for noisy in ("httpx", "httpcore", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@setup_logging.connect
+def _logging(loglevel: Any = None, **_: Any) -> None:
+    """Worker logs in the gateway's format (one JSON object a line).
+
+    Connecting this signal stops Celery from installing its own handlers. The
+    bearpaw loggers follow BEARPAW_LOG_LEVEL as in the gateway; Celery's own
+    loggers follow the worker's --loglevel (its "ready." line is what
+    supervisors and tests wait for). The HTTP clients' INFO lines (one per
+    health probe and metrics scrape) and Alembic's are noise at INFO, so they
+    log warnings and worse only.
+    """
+    _json_logging(loglevel)
+
+
+@celeryd_init.connect
+def _no_banner(instance: Any = None, options: Any = None, **_: Any) -> None:
+    """Logging is set up here already, before Celery's start-up checks warn.
+    With JSON logs, Celery's multi-line banner on stdout is skipped too: a log
+    collector would take each of its lines for a broken record. The JSON
+    "<name> ready." line still marks the start."""
+    _json_logging((options or {}).get("loglevel"))
+    if settings.log_json and instance is not None:
+        instance.quiet = True
 
 
 @worker_ready.connect

@@ -2,17 +2,16 @@
 
 Both are behind the admin key. The API takes it like the rest of the admin
 API (`Authorization: Bearer <admin key>`). A browser cannot send that header
-on its own, so the page also accepts a session cookie: open
-`/admin/reports/login`, enter the admin key, and the gateway sets an HttpOnly,
-SameSite=Strict cookie (`bearpaw_admin`, an HMAC of the key, never the key
-itself) scoped to /admin/reports. `?key=<admin key>` on the page URL does the
-same login in one step for bookmarks and scripts and then redirects to the
-URL without it, so the key does not stay in the address bar or history.
+on its own, so the page also accepts the console's session cookie
+(gateway/console/session.py: signed, HttpOnly, SameSite=Strict, scoped to
+/admin): open `/admin/reports/login` (or `/admin/login`) and enter the admin
+key. `?key=<admin key>` on the page URL does the same login in one step for
+bookmarks and scripts and then redirects to the URL without it, so the key does
+not stay in the address bar or history.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 from datetime import UTC, datetime
 from html import escape
@@ -24,36 +23,19 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from gateway.charts import PALETTE, Series, bar_chart
+from gateway.console import session
 from gateway.errors import APIError
 from gateway.reports import Report, parse_group_by, usage_report
 
 router = APIRouter(prefix="/admin/reports", tags=["reports"])
 
-COOKIE = "bearpaw_admin"
-COOKIE_PATH = "/admin/reports"
-
 
 def _admin_key(request: Request) -> str:
-    key = request.app.state.bearpaw.settings.admin_key
-    if not key:
-        raise APIError(
-            403, "The admin API is disabled: set BEARPAW_ADMIN_KEY.", code="admin_disabled"
-        )
-    return key
-
-
-def _session_token(admin_key: str) -> str:
-    # Changing the admin key invalidates every session.
-    return hmac.new(admin_key.encode(), b"bearpaw-report-session", hashlib.sha256).hexdigest()
+    return session.admin_key(request)
 
 
 def _authorized(request: Request) -> bool:
-    key = _admin_key(request)
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode()):
-        return True
-    cookie = request.cookies.get(COOKIE, "")
-    return hmac.compare_digest(cookie.encode(), _session_token(key).encode())
+    return session.bearer_ok(request) or session.current(request) is not None
 
 
 def _require(request: Request) -> None:
@@ -153,17 +135,7 @@ async def login_form(request: Request, error: str = "") -> HTMLResponse:
 
 
 def _signed_in(request: Request, target: str) -> RedirectResponse:
-    resp = RedirectResponse(target, status_code=303)
-    resp.set_cookie(
-        COOKIE,
-        _session_token(_admin_key(request)),
-        max_age=12 * 3600,
-        path=COOKIE_PATH,
-        httponly=True,
-        samesite="strict",
-        secure=request.url.scheme == "https",
-    )
-    return resp
+    return session.sign_in(request, target)
 
 
 @router.post("/login")

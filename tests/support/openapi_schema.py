@@ -17,6 +17,7 @@ that a null the spec permits is not reported as a failure.
 
 from __future__ import annotations
 
+import os
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,13 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 REPO = Path(__file__).resolve().parents[2]
-SPEC_PATH = REPO.parent / "shared" / "spec" / "openai-openapi.yaml"
+# shared/ sits beside the repository (as CI lays it out); BEARPAW_SHARED_DIR
+# points elsewhere, e.g. for a clone made outside the workspace.
+SPEC_PATH = (
+    Path(os.environ.get("BEARPAW_SHARED_DIR") or REPO.parent / "shared")
+    / "spec"
+    / "openai-openapi.yaml"
+)
 SPEC_URI = "urn:bearpaw:openai-openapi"
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -53,7 +60,8 @@ def spec() -> dict[str, Any]:
     """The whole OpenAPI document, loaded once per process."""
     if not SPEC_PATH.exists():
         raise FileNotFoundError(
-            f"OpenAI OpenAPI spec not found at {SPEC_PATH} (shared/ must sit beside the repo)"
+            f"OpenAI OpenAPI spec not found at {SPEC_PATH}: shared/ must sit beside the "
+            "repository, or BEARPAW_SHARED_DIR name it"
         )
     with SPEC_PATH.open("rb") as fh:
         document = yaml.load(fh, Loader=_Loader)  # noqa: S506 - a safe loader either way
