@@ -20,9 +20,12 @@ import numpy as np
 from sqlalchemy.engine import Engine
 
 from cache import store as db
+from cache.bound import COSINE_GRID, VERIFIER_GRID, Decision
+from cache.calibration import CalibrationBook, scorer_name
 from cache.config import CacheSettings
 from cache.embedder import BatchEmbedder, Embedder
 from cache.index import SemanticIndex
+from cache.judge import answers_match, is_deterministic
 from cache.keys import canonical_hash, query_text
 from cache.verifier import Verifier
 
@@ -38,6 +41,28 @@ class CacheHit:
     layer: str  # "exact" | "semantic"
     entry_id: str
     verifier_score: float | None = None
+
+
+@dataclass
+class Candidate:
+    """The best semantic candidate of a lookup that was not served from the
+    cache: comparing its answer with the backend's gives the bound a verdict."""
+
+    response: dict
+    similarity: float
+    score: float  # what the bound decides on: verifier probability, else cosine
+    calibration: tuple[str, str, str]  # tenant, model, scorer
+
+
+@dataclass
+class Consultation:
+    """What a lookup decided: a hit to serve, or a candidate to judge later."""
+
+    hit: CacheHit | None
+    candidate: Candidate | None = None
+    action: str = "miss"  # exact | serve | explore | miss
+    # Under a wrong-hit bound (max_error given): the threshold and bound in force.
+    bound: Decision | None = None
 
 
 @dataclass
@@ -77,12 +102,17 @@ class SemanticCache:
         self._sweeper: asyncio.Task[None] | None = None
         self._write_lock = asyncio.Lock()
         self._closed_batches = 0
+        self.calibration = CalibrationBook(engine)
+        self._scorer = ""
         self._counters = dict.fromkeys(
             (
                 "hits_exact",
                 "hits_semantic",
                 "misses",
                 "verifier_rejections",
+                "explorations",
+                "verdicts",
+                "verdicts_wrong",
                 "stores",
                 "evictions",
                 "expirations",
@@ -100,6 +130,8 @@ class SemanticCache:
             Embedder, self.settings.embedder, self.settings.device, self.settings.embedder_runtime
         )
         self._verifier = await asyncio.to_thread(self._load_verifier)
+        self._scorer = self._scorer_name()
+        await self.calibration.load()
         self._index = SemanticIndex(embedder.dim, use_gpu=self.settings.use_gpu)
         await self._rebuild(embedder)
         self._embedder = BatchEmbedder(
@@ -119,6 +151,14 @@ class SemanticCache:
                 self.settings.fallback_min_similarity,
             )
             return None
+
+    def _scorer_name(self) -> str:
+        meta = self._verifier.meta if self._verifier is not None else None
+        return scorer_name(meta, self.settings.embedder)
+
+    @property
+    def grid(self) -> tuple[float, ...]:
+        return VERIFIER_GRID if self._verifier is not None else COSINE_GRID
 
     async def _rebuild(self, embedder: Embedder) -> None:
         """Reload unexpired rows; re-embed only rows from another embedding model."""
@@ -159,6 +199,10 @@ class SemanticCache:
                 pass
             self._sweeper = None
         await self._flush_hits()
+        try:
+            await self.calibration.sync()
+        except Exception:  # bookkeeping only: a failed write must not block shutdown
+            log.exception("could not persist cache calibration")
         if self._embedder is not None:
             self._closed_batches += self._embedder.batches
             await self._embedder.close()
@@ -169,8 +213,29 @@ class SemanticCache:
     async def lookup(
         self, namespace: str, request: dict, operating_point: str = "balanced"
     ) -> CacheHit | None:
+        """A hit under the fixed operating point (no wrong-hit bound), or None."""
+        found = await self.consult(namespace, request, operating_point=operating_point)
+        return found.hit
+
+    async def consult(
+        self,
+        namespace: str,
+        request: dict,
+        *,
+        tenant: str = "",
+        model: str = "",
+        operating_point: str = "balanced",
+        max_error: float | None = None,
+    ) -> Consultation:
+        """Looks a request up. With ``max_error`` (δ) a semantic candidate is
+        served, explored or missed by the tenant's wrong-hit bound
+        (cache/bound.py); without it, by the fixed operating point."""
         if self._embedder is None or not self.settings.enabled:
-            return None
+            return Consultation(None)
+        key = (tenant, model, self._scorer)
+        bound = None
+        if max_error is not None:
+            bound = self.calibration.get(key, self.grid).summary(max_error)
         now = self._clock()
         exact_key = canonical_hash(namespace, request)
         entry_id = self._exact.get(exact_key)
@@ -179,16 +244,18 @@ class SemanticCache:
             # The exact key already contains the namespace; the check is belt and braces.
             if entry is not None and entry.namespace == namespace:
                 self._counters["hits_exact"] += 1
-                return self._hit(entry_id, entry, now, 1.0, "exact", None)
+                hit = self._hit(entry_id, entry, now, 1.0, "exact", None)
+                return Consultation(hit, action="exact", bound=bound)
         storing = self._storing.get(exact_key)
         if storing is not None and storing.namespace == namespace:
             self._counters["hits_exact"] += 1
-            return CacheHit(json.loads(storing.response), 1.0, "exact", "storing", None)
+            hit = CacheHit(json.loads(storing.response), 1.0, "exact", "storing", None)
+            return Consultation(hit, action="exact", bound=bound)
 
         query = query_text(request).strip()
         if not query or self._index is None:
             self._counters["misses"] += 1
-            return None
+            return Consultation(None, bound=bound)
         vector = await self._embed(query)
         candidates = self._index.search(
             namespace, vector, self.settings.search_k, self.settings.min_similarity
@@ -199,38 +266,85 @@ class SemanticCache:
             if (entry := self._live_entry(eid, self._clock())) is not None
             and entry.namespace == namespace
         ]
-        best = self._verify(query, vector, live, operating_point)
+        best = self._best(query, vector, live)
         if best is None:
             self._counters["misses"] += 1
-            return None
+            return Consultation(None, bound=bound)
         eid, sim, entry, score = best
-        self._counters["hits_semantic"] += 1
-        return self._hit(eid, entry, self._clock(), sim, "semantic", score)
+        candidate = Candidate(
+            json.loads(entry.response), sim, score if score is not None else sim, key
+        )
+        if max_error is None:
+            # No bound in force, but the traffic still weighs the bound's bins.
+            cal = self.calibration.get(key, self.grid)
+            cal.observe(candidate.score)
+            threshold = self._fixed_threshold(operating_point)
+            if candidate.score < threshold:
+                self._counters["verifier_rejections"] += 1
+                self._counters["misses"] += 1
+                # Only bins wholly below the fixed threshold are judged on every
+                # lookup; in the bin it cuts, verdicts would come from its
+                # lower part alone and misrepresent the bin.
+                fair = cal.bin_top(candidate.score) <= threshold
+                return Consultation(None, candidate if fair else None)
+            self._counters["hits_semantic"] += 1
+            hit = self._hit(eid, entry, self._clock(), sim, "semantic", score)
+            return Consultation(hit, action="serve")
+        bound = self.calibration.get(key, self.grid).decide(candidate.score, max_error)
+        if bound.action == "serve":
+            self._counters["hits_semantic"] += 1
+            hit = self._hit(eid, entry, self._clock(), sim, "semantic", score)
+            return Consultation(hit, action="serve", bound=bound)
+        if bound.action == "explore":
+            self._counters["explorations"] += 1
+        else:
+            self._counters["misses"] += 1
+        return Consultation(None, candidate, bound.action, bound)
 
-    def _verify(
-        self,
-        query: str,
-        vector: np.ndarray,
-        live: list[tuple[str, float, _Entry]],
-        operating_point: str,
+    def _best(
+        self, query: str, vector: np.ndarray, live: list[tuple[str, float, _Entry]]
     ) -> tuple[str, float, _Entry, float | None] | None:
+        """The most likely paraphrase among the candidates, with its verifier score."""
         if not live:
             return None
         if self._verifier is None:
             eid, sim, entry = live[0]
-            if sim >= self.settings.fallback_min_similarity:
-                return eid, sim, entry, None
-            self._counters["verifier_rejections"] += 1
-            return None
+            return eid, sim, entry, None
         assert self._index is not None
         cand_vecs = np.vstack([self._index.vector(eid) for eid, _, _ in live])
         scores = self._verifier.score(vector, query, cand_vecs, [e.query for _, _, e in live])
         best = int(np.argmax(scores))
-        if scores[best] < self._verifier.threshold(operating_point):
-            self._counters["verifier_rejections"] += 1
-            return None
         eid, sim, entry = live[best]
         return eid, sim, entry, float(scores[best])
+
+    def _fixed_threshold(self, operating_point: str) -> float:
+        """The fixed operating point's threshold on the candidate's score."""
+        if self._verifier is None:
+            return self.settings.fallback_min_similarity
+        return self._verifier.threshold(operating_point)
+
+    async def verdict(
+        self, candidate: Candidate, request: dict, fresh: dict, explored: bool
+    ) -> bool | None:
+        """Compares the backend's answer with the candidate's and counts the
+        verdict; None when no verdict could be reached."""
+        try:
+            same = await answers_match(
+                candidate.response, fresh, is_deterministic(request), self._embed_texts
+            )
+        except Exception:  # bookkeeping only: the client already has its answer
+            log.exception("could not judge a cache candidate")
+            return None
+        self.calibration.get(candidate.calibration, self.grid).add(
+            candidate.score, same, explored=explored
+        )
+        self._counters["verdicts"] += 1
+        self._counters["verdicts_wrong"] += 0 if same else 1
+        return same
+
+    async def _embed_texts(self, texts: list[str]) -> np.ndarray:
+        assert self._embedder is not None
+        return await self._embedder.embed_many(texts)
 
     def _live_entry(self, entry_id: str, now: float) -> _Entry | None:
         entry = self._entries.get(entry_id)
@@ -387,6 +501,7 @@ class SemanticCache:
             await asyncio.to_thread(db.delete_expired, self.engine, now)
         await self._flush_hits()
         await self._sync()
+        await self.calibration.sync()
         return len(expired)
 
     async def _sync(self) -> None:
@@ -437,6 +552,14 @@ class SemanticCache:
                 await self.sweep()
             except Exception:
                 log.exception("cache sweep failed")
+
+    def bound_stats(self) -> list[dict]:
+        """Per tenant and model: the wrong-hit bound's figures (cache/bound.py)."""
+        return [
+            {"tenant": tenant, "model": model, "scorer": scorer, **cal.report()}
+            for (tenant, model, scorer), cal in self.calibration.items()
+            if scorer == self._scorer
+        ]
 
     def stats(self) -> dict:
         return {

@@ -28,6 +28,7 @@ class Caller:
     cache_enabled: bool = True
     cache_allow_sampling: bool = False
     cache_operating_point: str = "balanced"
+    cache_max_error: float | None = None
 
     @classmethod
     def of(cls, key: ApiKey | None, tenant: Tenant) -> Caller:
@@ -45,6 +46,7 @@ class Caller:
             cache_enabled=tenant.cache_enabled,
             cache_allow_sampling=tenant.cache_allow_sampling,
             cache_operating_point=tenant.cache_operating_point,
+            cache_max_error=tenant.cache_max_error,
         )
 
     @property

@@ -199,6 +199,64 @@ class _CacheCollector:
             if name in stats:
                 events.add_metric([name], float(stats[name]))
         yield events
+        bound_stats = getattr(self.cache, "bound_stats", None)
+        if bound_stats is not None:
+            yield from _bound_families(bound_stats())
+
+
+def _bound_families(rows: list[dict]) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """The wrong-hit bound per tenant and model (docs/cache-bound.md)."""
+    labels = ["tenant", "model"]
+
+    def counter(name: str, doc: str, field: str) -> CounterMetricFamily:
+        family = CounterMetricFamily(name, doc, labels=labels)
+        for row in rows:
+            family.add_metric([row["tenant"], row["model"]], float(row[field]))
+        return family
+
+    def gauge(name: str, doc: str, field: str) -> GaugeMetricFamily:
+        family = GaugeMetricFamily(name, doc, labels=labels)
+        for row in rows:
+            if row.get(field) is not None:
+                family.add_metric([row["tenant"], row["model"]], float(row[field]))
+        return family
+
+    yield counter("bearpaw_cache_bound_hits", "Semantic hits served under the bound", "served")
+    yield counter(
+        "bearpaw_cache_bound_verified_hits",
+        "Would-be hits answered by the backend and compared (explorations)",
+        "explored_verdicts",
+    )
+    yield counter(
+        "bearpaw_cache_bound_verified_wrong",
+        "Verified would-be hits whose cached answer did not match",
+        "explored_wrong",
+    )
+    yield gauge(
+        "bearpaw_cache_bound_verdicts", "Verdicts the bound rests on (all processes)", "verdicts"
+    )
+    yield gauge("bearpaw_cache_bound_max_error", "δ of the latest lookup", "max_error")
+    yield gauge("bearpaw_cache_bound_threshold", "Score threshold in force at that δ", "threshold")
+    yield gauge(
+        "bearpaw_cache_wrong_hit_rate",
+        "Measured wrong rate among verdicts above the threshold",
+        "region_wrong_rate",
+    )
+    yield gauge(
+        "bearpaw_cache_wrong_hit_rate_upper",
+        "95 % upper bound on the wrong-hit rate at the threshold",
+        "upper",
+    )
+    yield gauge(
+        "bearpaw_cache_verified_wrong_rate_low",
+        "95 % interval of the verified hits' wrong rate: low end",
+        "explored_wrong_low",
+    )
+    yield gauge(
+        "bearpaw_cache_verified_wrong_rate_high",
+        "95 % interval of the verified hits' wrong rate: high end",
+        "explored_wrong_high",
+    )
 
 
 class QueueDepthPoller:

@@ -20,9 +20,10 @@ from sqlalchemy.orm import configure_mappers
 
 from backends.errors import BackendError, UpstreamError
 from backends.pool import ReplicaPool
+from cache.bound import Decision, parse_max_error
 from cache.keys import canonical_hash, namespace_for
 from cache.policy import cache_decision
-from cache.semantic_cache import SemanticCache
+from cache.semantic_cache import Candidate, SemanticCache
 from cache.singleflight import SingleFlight
 from gateway.caller import TIER_PRIORITY, Caller
 from gateway.capabilities import missing_route, require
@@ -47,6 +48,8 @@ class Call:
     request_id: str
     source: str = "interactive"  # interactive | async | batch
     cache_control: str = ""
+    # The x-bearpaw-cache-max-error header as sent: overrides the tenant's δ.
+    cache_max_error: str = ""
     # The API the client spoke when a dialect translated it into `endpoint`
     # (e.g. "responses", "messages"): usage is reported under that name.
     api: str | None = None
@@ -159,6 +162,8 @@ class Pipeline:
         stream = bool(body.get("stream"))
         namespace = key = None
         lookup = store = False
+        candidate: Candidate | None = None
+        max_error = _max_error(call)
         if call.endpoint in CACHEABLE and self.cache is not None:
             reason = cache_decision(body, call.caller.cache_policy)
             cc = call.cache_control.lower()
@@ -173,15 +178,33 @@ class Pipeline:
             if reason:
                 headers["x-bearpaw-cache-bypass"] = reason
         if lookup:
-            hit = await self.cache.lookup(namespace, body, call.caller.cache_policy.operating_point)
-            if hit is not None:
-                return self._replay_hit(call, meter, headers, hit)
-        meter.cache = "miss" if store else "bypass"
+            found = await self.cache.consult(
+                namespace,
+                body,
+                tenant=call.caller.tenant_id,
+                model=meter.model,
+                operating_point=call.caller.cache_policy.operating_point,
+                max_error=max_error,
+            )
+            if found.bound is not None and max_error is not None:
+                headers["x-bearpaw-cache-bound"] = _bound_header(max_error, found.bound)
+            if found.hit is not None:
+                return self._replay_hit(call, meter, headers, found.hit)
+            # Not served: the backend's answer will be judged against this
+            # candidate's, a verdict for the bound (free on a miss, the point
+            # of an exploration).
+            candidate = found.candidate
+            if found.action == "explore":
+                meter.cache = headers["x-bearpaw-cache"] = "verify"
+        if meter.cache != "verify":
+            meter.cache = "miss" if store else "bypass"
         path = ENDPOINTS[call.endpoint].path
         upstream_body = {**body, "model": meter.model}
         if stream:
             try:
-                return await self._stream(call, meter, headers, path, upstream_body, namespace)
+                return await self._stream(
+                    call, meter, headers, path, upstream_body, namespace, candidate
+                )
             except UpstreamError as exc:
                 refusal = self._no_route(call, meter, exc)
                 if refusal is None:
@@ -203,6 +226,8 @@ class Pipeline:
         self._take_usage(meter, rbody.get("usage"))
         if store:
             self._spawn(self.cache.store(namespace, body, rbody, call.caller.tenant_id))
+        if candidate is not None:
+            self._spawn(self.cache.verdict(candidate, body, rbody, meter.cache == "verify"))
         return Outcome(200, rbody, headers)
 
     async def _call_backend(
@@ -215,7 +240,7 @@ class Pipeline:
                 meter.model,
                 path,
                 body,
-                priority=request_priority(call),
+                priority=_priority(call, meter),
                 affinity_key=affinity_key(body),
                 at_root=ENDPOINTS[call.endpoint].at_root,
                 content=upload.content if upload is not None else None,
@@ -278,6 +303,7 @@ class Pipeline:
         path: str,
         body: dict[str, Any],
         namespace: str | None,
+        candidate: Candidate | None = None,
     ) -> Outcome:
         client_opts = call.body.get("stream_options") or {}
         want_usage = bool(client_opts.get("include_usage"))
@@ -293,7 +319,7 @@ class Pipeline:
             meter.model,
             path,
             body,
-            priority=request_priority(call),
+            priority=_priority(call, meter),
             affinity_key=affinity_key(body),
         )
         meter.backend = upstream.replica
@@ -346,6 +372,11 @@ class Pipeline:
                             self.cache.store(
                                 namespace, call.body, assembler.response(), call.caller.tenant_id
                             )
+                        )
+                    if candidate is not None:
+                        explored = meter.cache == "verify"
+                        self._spawn(
+                            self.cache.verdict(candidate, call.body, assembler.response(), explored)
                         )
                     yield DONE
             finally:
@@ -430,6 +461,38 @@ def request_priority(call: Call) -> int:
     if call.source in ("batch", "async"):
         return max(priority, TIER_PRIORITY["batch"])
     return priority
+
+
+def _priority(call: Call, meter: _Meter) -> int:
+    # Verifying a would-be cache hit is the gateway's own bookkeeping: it runs
+    # at batch priority so that it never delays anyone's interactive work.
+    priority = request_priority(call)
+    if meter.cache == "verify":
+        return max(priority, TIER_PRIORITY["batch"])
+    return priority
+
+
+def _max_error(call: Call) -> float | None:
+    """δ for this call: the request's header, else the tenant's setting."""
+    if call.cache_max_error.strip():
+        try:
+            return parse_max_error(call.cache_max_error)
+        except ValueError as exc:
+            raise APIError(
+                400,
+                f"Invalid x-bearpaw-cache-max-error header: {exc}.",
+                code="invalid_header",
+                param="x-bearpaw-cache-max-error",
+            ) from None
+    return call.caller.cache_max_error
+
+
+def _bound_header(max_error: float, bound: Decision) -> str:
+    threshold = "none" if bound.threshold is None else f"{bound.threshold:g}"
+    return (
+        f"max-error={max_error:g}; threshold={threshold}; upper={bound.upper:.4f}; "
+        f"verdicts={bound.verdicts}"
+    )
 
 
 def affinity_key(body: dict[str, Any], chars: int = 256) -> str | None:

@@ -10,6 +10,11 @@ never disagree. Token columns:
                                        what the backends actually processed:
                                        the others minus cache hits; these are
                                        what vLLM's own token counters count
+    cache_verifications, verification_tokens
+                                       would-be semantic hits the cache sent to
+                                       the backend to check its wrong-hit bound
+                                       (usage records with cache = "verify"), and
+                                       the tokens they cost: the bound's price
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ class ReportRow:
     cost_usd: float = 0.0
     cost_avoided_usd: float = 0.0
     batch_discount_usd: float = 0.0
+    cache_verifications: int = 0
+    verification_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -141,6 +148,7 @@ def usage_report(
         "endpoint": u.endpoint,
     }
     hit = u.cache == "hit"
+    verify = u.cache == "verify"
     backend_prompt = func.sum(case((hit, 0), else_=u.prompt_tokens))
     backend_completion = func.sum(case((hit, 0), else_=u.completion_tokens))
     keys = [dims[g].label(g) for g in group_by]
@@ -158,6 +166,10 @@ def usage_report(
             func.sum(u.cost_usd).label("cost_usd"),
             func.sum(u.cost_avoided_usd).label("cost_avoided_usd"),
             func.sum(u.batch_discount_usd).label("batch_discount_usd"),
+            func.sum(case((verify, 1), else_=0)).label("cache_verifications"),
+            func.sum(case((verify, u.prompt_tokens + u.completion_tokens), else_=0)).label(
+                "verification_tokens"
+            ),
         )
         .select_from(UsageRecord.__table__.outerjoin(Tenant.__table__, t.id == u.tenant_id))
         .group_by(*[dims[g] for g in group_by])
@@ -191,6 +203,7 @@ def format_table(report: Report) -> list[list[str]]:
         "cost $",
         "avoided $",
         "batch saved $",
+        "verify tokens",
     ]
     out = [columns]
     for row in [*report.rows, report.totals]:
@@ -206,6 +219,7 @@ def format_table(report: Report) -> list[list[str]]:
                 f"{row.cost_usd:.6f}",
                 f"{row.cost_avoided_usd:.6f}",
                 f"{row.batch_discount_usd:.6f}",
+                str(row.verification_tokens),
             ]
         )
     return out

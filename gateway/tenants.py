@@ -41,6 +41,7 @@ TENANT_FIELDS = (
     "cache_enabled",
     "cache_allow_sampling",
     "cache_operating_point",
+    "cache_max_error",
 )
 
 
@@ -53,6 +54,9 @@ def _check_fields(fields: dict[str, Any]) -> None:
     op = fields.get("cache_operating_point")
     if op is not None and op not in OPERATING_POINTS:
         raise TenantError(f"cache_operating_point must be one of {', '.join(OPERATING_POINTS)}")
+    delta = fields.get("cache_max_error")
+    if delta is not None and not 0.0 < delta < 1.0:
+        raise TenantError("cache_max_error must be greater than 0 and less than 1")
     for name in ("rpm_limit", "tpm_limit", "monthly_budget_usd"):
         value = fields.get(name)
         if value is not None and value < 0:

@@ -1,4 +1,5 @@
-"""`bearpaw cache ...`: evaluate operating points, purge a tenant's entries."""
+"""`bearpaw cache ...`: evaluate operating points, simulate the wrong-hit bound,
+purge a tenant's entries."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ from pathlib import Path
 
 import typer
 
+from cache import simulate as sim
 from cache import store
+from cache.bound import parse_max_error
 from cache.eval import evaluate, format_report
 from gateway import tenants as svc
 from gateway.cli.common import console, engine, fail
@@ -32,6 +35,45 @@ def eval_pairs(
     except (ValueError, KeyError) as exc:
         fail(f"{path}: {exc}")
     print(format_report(report))
+
+
+@cache_app.command("simulate")
+def simulate(
+    path: Path = typer.Argument(..., help='JSONL of labeled pairs {"a","b","same"}'),
+    max_error: str = typer.Option(
+        "0.02", help="δ: the largest share of wrong semantic hits (or strict|balanced|aggressive)"
+    ),
+    start: int = typer.Option(0, help="first pair to replay (0-based line number)"),
+    limit: int | None = typer.Option(None, help="replay at most this many pairs"),
+    seed: int | None = typer.Option(
+        None, help="shuffle the replay with this seed (default: file order)"
+    ),
+    every: int = typer.Option(500, help="print a row every this many lookups"),
+    method: str = typer.Option(
+        "stratified", help="stratified (the gateway's bound) or pooled (tighter, see docs)"
+    ),
+) -> None:
+    """Replay labeled pairs as lookups through the online wrong-hit bound, beside
+    the best fixed thresholds chosen in hindsight."""
+    if not path.exists():
+        fail(f"no such file: {path}")
+    try:
+        delta = parse_max_error(max_error)
+    except ValueError as exc:
+        fail(f"--max-error: {exc}")
+    if method not in ("stratified", "pooled"):
+        fail("--method must be stratified or pooled")
+    if start < 0 or (limit is not None and limit <= 0) or every <= 0:
+        fail("--start must be >= 0, --limit and --every > 0")
+    try:
+        stream = sim.load_stream(str(path), get_settings().cache, start=start, limit=limit)
+    except (ValueError, KeyError) as exc:
+        fail(f"{path}: {exc}")
+    if len(stream.same) == 0:
+        fail(f"{path}: no pairs from line {start}")
+    print(
+        sim.format_report(sim.simulate(stream, delta, seed=seed, every=every, method=method), seed)
+    )
 
 
 @cache_app.command("purge")

@@ -7,6 +7,7 @@ import json
 import typer
 from rich.table import Table
 
+from cache.bound import parse_max_error
 from gateway import tenants as svc
 from gateway.cli.common import console, engine, fail
 from gateway.db.ids import unix
@@ -26,6 +27,9 @@ def create_tenant(
     cache: bool = typer.Option(True, help="use the semantic cache"),
     cache_sampling: bool = typer.Option(False, help="cache answers of sampled requests"),
     cache_point: str = typer.Option("balanced", help="strict | balanced | aggressive"),
+    cache_max_error: str | None = typer.Option(
+        None, help="wrong-hit bound δ for semantic hits, e.g. 0.02, or a preset name"
+    ),
 ) -> None:
     """Create a tenant."""
     try:
@@ -40,10 +44,20 @@ def create_tenant(
             cache_enabled=cache,
             cache_allow_sampling=cache_sampling,
             cache_operating_point=cache_point,
+            cache_max_error=_max_error(cache_max_error),
         )
     except svc.TenantError as exc:
         fail(str(exc))
     console.print(f"created tenant [bold]{t.name}[/bold] ({t.id})")
+
+
+def _max_error(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_max_error(value)
+    except ValueError as exc:
+        fail(f"--cache-max-error: {exc}")
 
 
 @tenants_app.command("update")
@@ -54,6 +68,7 @@ def update_tenant(
     tpm: int | None = typer.Option(None),
     budget: float | None = typer.Option(None),
     cache_point: str | None = typer.Option(None),
+    cache_max_error: str | None = typer.Option(None, help="δ, e.g. 0.02, or a preset name"),
 ) -> None:
     """Change a tenant's tier, limits, budget or cache operating point."""
     fields = {
@@ -62,6 +77,7 @@ def update_tenant(
         "tpm_limit": tpm,
         "monthly_budget_usd": budget,
         "cache_operating_point": cache_point,
+        "cache_max_error": _max_error(cache_max_error),
     }
     try:
         t = svc.update_tenant(engine(), ref, **{k: v for k, v in fields.items() if v is not None})

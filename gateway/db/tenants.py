@@ -24,6 +24,9 @@ class Tenant(SQLModel, table=True):
     cache_enabled: bool = True
     cache_allow_sampling: bool = False
     cache_operating_point: str = "balanced"
+    # δ, the largest share of wrong semantic hits (cache/bound.py); None: the
+    # fixed operating point decides, with no bound.
+    cache_max_error: float | None = None
     created_at: datetime = Field(default_factory=utcnow)
 
 

@@ -27,6 +27,7 @@ class TenantIn(BaseModel):
     cache_enabled: bool | None = None
     cache_allow_sampling: bool | None = None
     cache_operating_point: str | None = None
+    cache_max_error: float | None = None
 
 
 class TenantPatch(BaseModel):
@@ -39,6 +40,7 @@ class TenantPatch(BaseModel):
     cache_enabled: bool | None = None
     cache_allow_sampling: bool | None = None
     cache_operating_point: str | None = None
+    cache_max_error: float | None = None
 
 
 class KeyIn(BaseModel):

@@ -29,6 +29,7 @@ async def _handle(request: Request, caller: Caller, endpoint: str) -> Response:
         caller=caller,
         request_id=request.state.request_id,
         cache_control=request.headers.get("cache-control", ""),
+        cache_max_error=request.headers.get("x-bearpaw-cache-max-error", ""),
     )
     try:
         raw = await read_json(request, state.settings.max_body_bytes)

@@ -86,6 +86,7 @@ async def _create(request: Request, request_id: str) -> Response:
         caller=await _caller(request),
         request_id=request_id,
         cache_control=request.headers.get("cache-control", ""),
+        cache_max_error=request.headers.get("x-bearpaw-cache-max-error", ""),
         api="messages",
     )
     try:

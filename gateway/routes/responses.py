@@ -35,6 +35,7 @@ async def create(request: Request) -> Response:
         caller=caller,
         request_id=request.state.request_id,
         cache_control=request.headers.get("cache-control", ""),
+        cache_max_error=request.headers.get("x-bearpaw-cache-max-error", ""),
         api="responses",
     )
     try:

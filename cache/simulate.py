@@ -1,0 +1,216 @@
+"""Replay labelled pairs through the wrong-hit bound: ``bearpaw cache simulate``.
+
+Each pair is one lookup: ``a`` is the cached entry, ``b`` the new query, and
+``same`` stands in for "the fresh answer matches the cached one" (the verdict
+an explored or missed lookup would produce). Only the online mechanism of
+``cache/bound.py`` decides; nothing is fitted to the file being replayed. The
+fixed thresholds printed beside it are chosen *in hindsight*, with the labels
+of the whole replay, which no live cache can do: they are the yardstick, not
+a competitor that could be deployed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cache.bound import COSINE_GRID, VERIFIER_GRID, Calibration
+from cache.config import CacheSettings
+from cache.embedder import Embedder
+from cache.features import feature_matrix
+from cache.pairs import embed_pairs, load_pairs
+from cache.verifier import Verifier
+
+
+@dataclass
+class Stream:
+    cosine: np.ndarray
+    score: np.ndarray  # what the bound decides on: verifier probability, else cosine
+    same: np.ndarray
+    scorer: str  # "verifier" | "cosine"
+    prob: np.ndarray | None  # the verifier probability, for the hindsight baseline
+    min_similarity: float
+
+
+@dataclass
+class Checkpoint:
+    lookups: int
+    served: int
+    wrong: int
+    explored: int
+    verdicts: int
+    threshold: float | None
+    upper: float
+
+    @property
+    def wrong_rate(self) -> float:
+        return self.wrong / self.served if self.served else 0.0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.served / self.lookups if self.lookups else 0.0
+
+    @property
+    def explore_share(self) -> float:
+        """Of the lookups the cache could have answered, the share sent to the backend."""
+        would = self.served + self.explored
+        return self.explored / would if would else 0.0
+
+
+@dataclass
+class Fixed:
+    name: str
+    threshold: float | None
+    served: int
+    wrong: int
+
+    @property
+    def precision(self) -> float:
+        return 1 - self.wrong / self.served if self.served else 1.0
+
+
+@dataclass
+class SimReport:
+    max_error: float
+    pairs: int
+    candidates: int
+    positives: int
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+    fixed: list[Fixed] = field(default_factory=list)
+
+    @property
+    def final(self) -> Checkpoint:
+        return self.checkpoints[-1]
+
+
+def load_stream(
+    path: str,
+    settings: CacheSettings | None = None,
+    start: int = 0,
+    limit: int | None = None,
+    use_verifier: bool = True,
+) -> Stream:
+    """Scores for pairs ``start .. start+limit`` of the file (embeddings memoised on disk)."""
+    settings = settings or CacheSettings()
+    pairs = load_pairs(path)
+    u, v = embed_pairs(
+        pairs, Embedder(settings.embedder, settings.device, settings.embedder_runtime)
+    )
+    stop = len(pairs) if limit is None else min(len(pairs), start + limit)
+    rows = slice(start, stop)
+    u, v, same = u[rows], v[rows], pairs.same[rows]
+    cosine = np.einsum("ij,ij->i", u, v)
+    prob = None
+    if use_verifier:
+        try:
+            verifier = Verifier.load(settings.verifier_path)
+        except FileNotFoundError:
+            verifier = None
+        if verifier is not None:
+            prob = verifier.predict_features(feature_matrix(u, v, pairs.a[rows], pairs.b[rows]))
+    score = prob if prob is not None else cosine
+    return Stream(
+        cosine,
+        np.asarray(score, dtype=np.float64),
+        np.asarray(same, dtype=bool),
+        "verifier" if prob is not None else "cosine",
+        prob,
+        settings.min_similarity,
+    )
+
+
+def simulate(
+    stream: Stream,
+    max_error: float,
+    seed: int | None = None,
+    every: int = 500,
+    method: str = "stratified",
+) -> SimReport:
+    """Replay the stream (shuffled with ``seed``, file order when None)."""
+    order = np.arange(len(stream.same))
+    if seed is not None:
+        order = np.random.default_rng(seed).permutation(order)
+    grid = VERIFIER_GRID if stream.scorer == "verifier" else COSINE_GRID
+    cal = Calibration(grid, method=method)
+    gate = stream.cosine >= stream.min_similarity
+    report = SimReport(max_error, len(order), int(gate.sum()), int(stream.same.sum()))
+    served = wrong = explored = verdicts = 0
+    for step, i in enumerate(order, start=1):
+        if gate[i]:
+            decision = cal.decide(float(stream.score[i]), max_error)
+            same = bool(stream.same[i])
+            if decision.action == "serve":
+                served += 1
+                wrong += 0 if same else 1
+            else:
+                # An explored lookup and a miss both get the backend's answer,
+                # which is compared with the candidate's: a verdict.
+                explored += decision.action == "explore"
+                verdicts += 1
+                cal.add(float(stream.score[i]), same, explored=decision.action == "explore")
+        if step % every == 0 or step == len(order):
+            state = cal.summary(max_error)
+            report.checkpoints.append(
+                Checkpoint(step, served, wrong, explored, verdicts, state.threshold, state.upper)
+            )
+    report.fixed = hindsight(stream, max_error)
+    return report
+
+
+def _best_cut(score: np.ndarray, same: np.ndarray, target: float) -> tuple[float | None, int, int]:
+    """The threshold serving the most pairs with precision ≥ target (hindsight)."""
+    order = np.argsort(-score, kind="stable")
+    s, ok = score[order], same[order]
+    served = np.arange(1, len(s) + 1)
+    wrong = np.cumsum(~ok)
+    # Only cut between distinct scores: ties are served together or not at all.
+    last_of_tie = np.r_[s[1:] != s[:-1], True]
+    good = np.nonzero(last_of_tie & ((served - wrong) >= target * served))[0]
+    if len(good) == 0:
+        return None, 0, 0
+    k = int(good[-1])
+    return float(s[k]), int(served[k]), int(wrong[k])
+
+
+def hindsight(stream: Stream, max_error: float) -> list[Fixed]:
+    target = 1.0 - max_error
+    out = []
+    t, n, w = _best_cut(stream.cosine, stream.same, target)
+    out.append(Fixed("best fixed cosine", t, n, w))
+    if stream.prob is not None:
+        gate = stream.cosine >= stream.min_similarity
+        t, n, w = _best_cut(stream.prob[gate], stream.same[gate], target)
+        out.append(Fixed("best fixed verifier", t, n, w))
+    return out
+
+
+def format_report(r: SimReport, seed: int | None) -> str:
+    lines = [
+        f"max error δ = {r.max_error:g}   pairs: {r.pairs} ({r.positives} same)   "
+        f"with a candidate (cosine gate): {r.candidates}   order: "
+        + ("file" if seed is None else f"shuffled, seed {seed}"),
+        "",
+        f"{'lookups':>8}{'hits':>7}{'wrong':>7}{'wrong %':>9}{'hit %':>8}{'explored':>10}"
+        f"{'explore %':>11}{'verdicts':>10}{'threshold':>11}{'bound %':>9}",
+    ]
+    for c in r.checkpoints:
+        threshold = "-" if c.threshold is None else f"{c.threshold:.3f}"
+        lines.append(
+            f"{c.lookups:>8}{c.served:>7}{c.wrong:>7}{100 * c.wrong_rate:>9.2f}"
+            f"{100 * c.hit_rate:>8.2f}{c.explored:>10}{100 * c.explore_share:>11.1f}"
+            f"{c.verdicts:>10}{threshold:>11}{100 * c.upper:>9.2f}"
+        )
+    lines += ["", f"in hindsight (precision ≥ {1 - r.max_error:.2f} on this replay's labels):"]
+    for f in r.fixed:
+        threshold = "none" if f.threshold is None else f"{f.threshold:.4f}"
+        lines.append(
+            f"  {f.name:<22} threshold {threshold:>7}   hits {f.served:>6}   wrong {f.wrong:>5}"
+            f"   precision {f.precision:.3f}"
+        )
+    final = r.final
+    lines.append(
+        f"  {'online bound':<22} {'':>17}   hits {final.served:>6}   wrong {final.wrong:>5}"
+        f"   precision {1 - final.wrong_rate:.3f}   explored {final.explored}"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,386 @@
+"""The semantic cache's wrong-hit bound: the statistics, the decision rule, the
+shared verdict counts, `bearpaw cache simulate` on real labelled pairs, and a
+gateway in front of real vLLM exploring a would-be hit."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from openai import OpenAI
+from sqlalchemy import create_engine, text
+
+from cache import calibration as calib
+from cache.bound import (
+    PRESETS,
+    VERIFIER_GRID,
+    Calibration,
+    clopper_pearson_interval,
+    clopper_pearson_upper,
+    parse_max_error,
+)
+from cache.verifier import Verifier
+from gateway.reports import usage_report
+from tests.support.gateway_process import GatewayProcess
+
+REPO = Path(__file__).resolve().parents[1]
+PAIRS = REPO.parent / "shared" / "data" / "qqp-pairs-dev.jsonl"
+
+
+# ------------------------------------------------------------------ statistics
+def test_clopper_pearson_matches_published_values():
+    # No failures in n trials: the exact bound is 1 - alpha^(1/n) ("rule of three").
+    assert clopper_pearson_upper(0, 100, 0.05) == pytest.approx(1 - 0.05 ** (1 / 100))
+    assert clopper_pearson_upper(0, 100, 0.05) == pytest.approx(0.0295, abs=1e-4)
+    # Textbook exact intervals (e.g. Clopper & Pearson 1934 tables, R's binom.test).
+    assert clopper_pearson_upper(1, 10, 0.05) == pytest.approx(0.3942, abs=1e-4)
+    low, high = clopper_pearson_interval(1, 10)
+    assert (low, high) == (pytest.approx(0.0025, abs=1e-4), pytest.approx(0.4450, abs=1e-4))
+    low, high = clopper_pearson_interval(5, 20)
+    assert (low, high) == (pytest.approx(0.0866, abs=1e-4), pytest.approx(0.4910, abs=1e-4))
+    # Nothing known, or everything wrong: no bound below 1.
+    assert clopper_pearson_upper(0, 0, 0.05) == 1.0
+    assert clopper_pearson_upper(7, 7, 0.05) == 1.0
+
+
+def test_max_error_parsing():
+    assert parse_max_error("0.02") == 0.02
+    assert parse_max_error(" Balanced ") == PRESETS["balanced"] == 0.02
+    assert parse_max_error("strict") == 0.01 and parse_max_error("aggressive") == 0.05
+    for bad in ("0", "1", "-0.1", "nan", "lots", "", "1.5"):
+        with pytest.raises(ValueError):
+            parse_max_error(bad)
+
+
+def _calibration_with(counts: dict[int, tuple[int, int, int]], **kw) -> Calibration:
+    """bin index -> (lookups, verdicts, wrong)"""
+    cal = Calibration(VERIFIER_GRID, **kw)
+    base = np.zeros((len(VERIFIER_GRID), 3), dtype=np.int64)
+    for i, row in counts.items():
+        base[i] = row
+    cal.set_base(base)
+    return cal
+
+
+def test_bins():
+    cal = Calibration(VERIFIER_GRID)
+    assert VERIFIER_GRID == (0.5, 0.7, 0.8, 0.9, 0.95)
+    assert [cal.bin_of(s) for s in (0.2, 0.5, 0.69, 0.9, 0.949, 0.95, 1.0)] == [
+        None,
+        0,
+        0,
+        3,
+        3,
+        4,
+        4,
+    ]
+    assert cal.bin_of(float("nan")) is None
+    assert [cal.bin_top(s) for s in (0.2, 0.6, 0.92, 0.97)] == [0.5, 0.7, 0.95, float("inf")]
+
+
+def test_nothing_is_served_before_there_is_evidence():
+    cal = Calibration(VERIFIER_GRID)
+    for score in (0.5, 0.9, 0.999, 1.0):
+        decision = cal.decide(score, 0.05)
+        assert decision.action == "miss" and decision.threshold is None
+        assert decision.upper == 1.0
+
+
+def test_never_serves_where_the_upper_bound_exceeds_delta():
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        counts = {}
+        for i in range(len(VERIFIER_GRID)):
+            n = int(rng.integers(0, 800))
+            lookups = n + int(rng.integers(0, 3 * n + 1))
+            counts[i] = (lookups, n, int(rng.binomial(n, rng.uniform(0, 0.1))))
+        cal = _calibration_with(counts, method=str(rng.choice(["stratified", "pooled"])))
+        delta = float(rng.choice([0.01, 0.02, 0.05]))
+        uppers, _ = cal.region_bounds()
+        for score in rng.uniform(0.4, 1.0, 20):
+            decision = cal.decide(float(score), delta)
+            if decision.action in ("serve", "explore"):
+                assert decision.upper <= delta
+                assert score >= decision.threshold
+                i = VERIFIER_GRID.index(decision.threshold)
+                # The lowest admissible threshold: every lower one is over δ.
+                assert all(u > delta for u in uppers[:i])
+            else:
+                assert decision.threshold is None or score < decision.threshold
+                assert decision.threshold is not None or all(u > delta for u in uppers)
+
+
+def test_bound_is_at_the_bonferroni_level_and_weighs_bins_by_traffic():
+    # The top bin [0.95, 1] is well verified; the one below has traffic and no verdicts.
+    assert VERIFIER_GRID[-2:] == (0.9, 0.95)
+    cal = _calibration_with({3: (500, 0, 0), 4: (1000, 1000, 3)})
+    state = cal.summary(0.05)
+    assert state.threshold == 0.95 and state.verdicts == 1000
+    alpha = 0.05 / len(VERIFIER_GRID)
+    assert state.upper == pytest.approx(clopper_pearson_upper(3, 1000, alpha))
+    assert state.upper > clopper_pearson_upper(3, 1000, 0.05)
+    # Unverified traffic counts as wrong: serving from 0.9 would be a third wrong.
+    uppers, _ = cal.region_bounds()
+    assert uppers[3] == pytest.approx((500 + 1000 * state.upper) / 1500)
+    # Bins without traffic weigh nothing.
+    assert uppers[0] == pytest.approx(uppers[3])
+
+
+def test_exploration_shrinks_as_verdicts_accumulate():
+    cal = Calibration(VERIFIER_GRID)
+    probabilities = [cal.explore_probability(n) for n in (1, 10, 100, 1000, 10_000, 100_000)]
+    assert probabilities == sorted(probabilities, reverse=True)
+    assert probabilities[0] == 1.0 and probabilities[-1] == cal.explore_floor
+    # Fed a stream of right answers, the share explored falls over time.
+    explored_per_window = []
+    for _window in range(4):
+        explored = 0
+        for _ in range(2000):
+            decision = cal.decide(0.999, 0.02)
+            if decision.action != "serve":
+                cal.add(0.999, True, explored=decision.action == "explore")
+                explored += decision.action == "explore"
+        explored_per_window.append(explored)
+    assert cal.served > 0
+    assert explored_per_window[0] > explored_per_window[1] > explored_per_window[3] > 0
+
+
+def test_wrong_verdicts_stop_serving():
+    # Below 0.9 there is traffic but no verdicts: nothing there may be served.
+    cal = _calibration_with({2: (100, 0, 0), 3: (2000, 2000, 0), 4: (2000, 2000, 0)})
+    assert cal.summary(0.01).threshold == 0.9
+    for _ in range(100):
+        cal.add(0.92, False)
+    assert cal.summary(0.01).threshold == 0.95
+    for _ in range(100):
+        cal.add(0.97, False)
+    assert cal.summary(0.01).threshold is None
+    assert cal.decide(0.999, 0.01).action == "miss"
+
+
+# --------------------------------------------------------------- shared counts
+async def test_verdict_counts_are_shared_through_the_database(tmp_path):
+    engine = create_engine(f"sqlite:///{tmp_path / 'cal.db'}")
+    key = ("ten_a", "tiny", "verifier:x")
+    first, second = calib.CalibrationBook(engine), calib.CalibrationBook(engine)
+    await first.load()
+    await second.load()
+    for book, wrong in ((first, False), (second, True)):
+        cal = book.get(key, VERIFIER_GRID)
+        for _ in range(40):
+            cal.observe(0.996)
+        for _ in range(30):
+            cal.add(0.996, True)
+        cal.add(0.996, not wrong)
+        cal.add(0.1, False)  # below the grid: never servable, never counted
+    await first.sync()
+    await second.sync()  # adds to the row the first process wrote
+    await first.sync()
+    for book in (first, second):
+        counts = book.get(key, VERIFIER_GRID).counts
+        assert counts[-1].tolist() == [80, 62, 1] and counts[:-1].sum() == 0
+    # A restarted process starts from the stored totals.
+    third = calib.CalibrationBook(engine)
+    await third.load()
+    assert third.get(key, VERIFIER_GRID).counts[-1].tolist() == [80, 62, 1]
+    assert third.get(("ten_b", "tiny", "verifier:x"), VERIFIER_GRID).counts.sum() == 0
+    engine.dispose()
+
+
+# -------------------------------------------------------------------- simulate
+def bearpaw(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "BEARPAW_DATA_DIR": str(tmp_path),
+        "BEARPAW_EMBED_CACHE": str(tmp_path / "embeddings"),
+        "HF_HUB_OFFLINE": "1",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli.main", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_simulate_keeps_the_wrong_hit_rate_under_delta(tmp_path):
+    # 2,000 pairs the verifier never saw (its held-out lines: every 5th).
+    lines = PAIRS.read_text().splitlines()
+    heldout = [line for i, line in enumerate(lines) if i % 5 == 4][-2000:]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(heldout) + "\n")
+    # On pairs the verifier never saw, even its scores ≥ 0.9 are about 9 % wrong
+    # (QQP's labels are noisy): at δ = 0.05 nothing can be proven safe in 2,000
+    # lookups and nothing is served, so the test asks for δ = 0.2.
+    out = bearpaw(tmp_path, "cache", "simulate", str(path), "--max-error", "0.2", "--every", "500")
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines() if re.match(r"\s+\d+\s+\d+\s", line)]
+    assert [int(r[0]) for r in rows] == [500, 1000, 1500, 2000]
+    lookups, hits, wrong = (int(x) for x in rows[-1][:3])
+    assert hits > 0
+    assert wrong / hits <= 0.2
+    assert "best fixed verifier" in out.stdout and "best fixed cosine" in out.stdout
+    bad = bearpaw(tmp_path, "cache", "simulate", str(path), "--max-error", "2")
+    assert bad.returncode != 0 and "max-error" in bad.stderr
+
+
+def test_tenant_max_error_from_the_cli(tmp_path):
+    made = bearpaw(tmp_path, "tenants", "create", "acme", "--cache-max-error", "balanced")
+    assert made.returncode == 0, made.stderr
+    bad = bearpaw(tmp_path, "tenants", "update", "acme", "--cache-max-error", "3")
+    assert bad.returncode != 0 and "cache-max-error" in bad.stderr
+    assert (
+        bearpaw(tmp_path, "tenants", "update", "acme", "--cache-max-error", "0.05").returncode == 0
+    )
+    listed = json.loads(bearpaw(tmp_path, "tenants", "list", "--json").stdout)
+    assert [t["cache_max_error"] for t in listed] == [0.05]
+
+
+# ------------------------------------------------------------------ end to end
+QUESTION = "How do I learn to play the guitar quickly?"
+PARAPHRASE = "How can I learn to play guitar quickly?"
+
+
+@pytest.fixture(scope="module")
+def gateway(vllm_server, tmp_path_factory):
+    gw = GatewayProcess(
+        tmp_path_factory.mktemp("gw-bound"),
+        backends=[vllm_server.base_url],
+        env={"BEARPAW_CACHE__SWEEP_INTERVAL_S": "0.3"},
+    ).start()
+    yield gw
+    gw.stop()
+
+
+def ask(client: OpenAI, question: str, **kw):
+    raw = client.chat.completions.with_raw_response.create(
+        model="tiny",
+        messages=[{"role": "user", "content": question}],
+        max_tokens=8,
+        temperature=0,
+        **kw,
+    )
+    return raw.headers, raw.parse()
+
+
+def _bound(headers) -> dict[str, str]:
+    return dict(part.strip().split("=", 1) for part in headers["x-bearpaw-cache-bound"].split(";"))
+
+
+def _eventually(check, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result or time.monotonic() > deadline:
+            return result
+        time.sleep(0.2)
+
+
+def test_bad_max_error_header_is_refused(gateway, vllm_server):
+    key = gateway.create_key("plain")
+    gateway.wait_models(key, {"tiny"})
+    r = httpx.post(
+        gateway.base_url + "/chat/completions",
+        headers={"authorization": f"Bearer {key}", "x-bearpaw-cache-max-error": "1.5"},
+        json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        timeout=60,
+    )
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] == "x-bearpaw-cache-max-error" and "less than 1" in error["message"]
+    # Per request, a preset name is as good as a number.
+    client = OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0, timeout=120)
+    headers, _ = ask(client, QUESTION, extra_headers={"x-bearpaw-cache-max-error": "strict"})
+    bound = _bound(headers)
+    assert bound["max-error"] == "0.01" and bound["threshold"] == "none"
+
+
+def test_explored_lookup_is_answered_fresh_and_metered_as_verification(gateway, vllm_server):
+    r = gateway.admin("POST", "/admin/tenants", json={"name": "acme", "cache_max_error": 0.05})
+    assert r.status_code == 201, r.text
+    tenant_id = r.json()["id"]
+    assert r.json()["cache_max_error"] == 0.05
+    key = gateway.create_key("acme")
+    client = OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0, timeout=120)
+    # Evidence from this tenant's past traffic, as another gateway process
+    # would have written it: 2,000 right answers in every bin of the grid.
+    verifier = Verifier.load()
+    scorer = calib.scorer_name(verifier.meta, "all-MiniLM-L6-v2")
+    engine = create_engine(gateway.database_url)
+    calib.add_counts(
+        engine,
+        [
+            ((tenant_id, "tiny", scorer), round(edge * 1000), 2000, 2000, 0)
+            for edge in VERIFIER_GRID
+        ],
+    )
+    headers, _ = ask(client, QUESTION)
+    assert headers["x-bearpaw-cache"] == "miss"
+    # The gateway adopts the stored counts at its next sweep.
+    seen = _eventually(lambda: _bound(ask(client, QUESTION)[0])["threshold"] != "none")
+    assert seen
+    headers, _ = ask(client, QUESTION)
+    assert headers["x-bearpaw-cache-layer"] == "exact"
+    bound = _bound(headers)
+    assert bound["max-error"] == "0.05" and float(bound["threshold"]) == VERIFIER_GRID[0]
+    assert float(bound["upper"]) <= 0.05 and int(bound["verdicts"]) >= 2000 * len(VERIFIER_GRID)
+
+    before = vllm_server.metrics().get("vllm:request_success_total", 0.0)
+    headers, fresh = ask(client, PARAPHRASE)
+    # The first would-be semantic hit under a bound is explored: the backend answers.
+    assert headers["x-bearpaw-cache"] == "verify", headers
+    # (At least: the dev vLLM may be shared with other test runs.)
+    assert vllm_server.metrics().get("vllm:request_success_total", 0.0) >= before + 1
+    assert fresh.usage.completion_tokens > 0
+    request_id = headers["x-request-id"]
+
+    def recorded():
+        with engine.connect() as conn:
+            return conn.execute(
+                text(
+                    "select cache, prompt_tokens, completion_tokens from usage_records "
+                    "where request_id = :r"
+                ),
+                {"r": request_id},
+            ).first()
+
+    row = _eventually(recorded)
+    assert row is not None and row[0] == "verify"
+    report = usage_report(engine, ["tenant"], tenant="acme")
+    (acme,) = report.rows
+    assert acme.cache_verifications == 1
+    assert acme.verification_tokens == row[1] + row[2] > 0
+    assert report.as_dict()["totals"]["verification_tokens"] == acme.verification_tokens
+
+    # The verdict reaches the calibration, /metrics and, at the next sweep, the database.
+    def metric(name: str) -> float | None:
+        body = httpx.get(gateway.url + "/metrics", timeout=10).text
+        for labels, value in re.findall(rf"^{name}\{{(.*)\}} (\S+)$", body, re.M):
+            if dict(re.findall(r'(\w+)="([^"]*)"', labels)) == {
+                "tenant": tenant_id,
+                "model": "tiny",
+            }:
+                return float(value)
+        return None
+
+    assert _eventually(lambda: metric("bearpaw_cache_bound_verified_hits_total") == 1.0)
+    assert metric("bearpaw_cache_bound_max_error") == 0.05
+    assert metric("bearpaw_cache_wrong_hit_rate_upper") <= 0.05
+    assert metric("bearpaw_cache_bound_verdicts") >= 2000 * len(VERIFIER_GRID) + 1
+
+    def stored() -> int:
+        counts = calib.load_counts(engine).get((tenant_id, "tiny", scorer), {})
+        return sum(n for _, n, _ in counts.values())
+
+    assert _eventually(lambda: stored() == 2000 * len(VERIFIER_GRID) + 1)
+    engine.dispose()
