@@ -23,7 +23,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, select
 
-from cache.bound import Calibration
+from cache.bound import CONFIDENCE, Calibration, clopper_pearson_interval
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,51 @@ def load_counts(engine: Engine) -> dict[Key, Stored]:
     return out
 
 
+def calibration_of(grid: tuple[float, ...], stored: Stored) -> Calibration:
+    """A Calibration holding the stored totals of one tenant, model and scorer."""
+    cal = Calibration(grid)
+    counts = np.zeros((len(cal.grid), 3), dtype=np.int64)
+    for i, edge in enumerate(cal.grid):
+        counts[i] = stored.get(_milli(float(edge)), (0, 0, 0))
+    cal.set_base(counts)
+    return cal
+
+
+def measured_wrong_rates(
+    engine: Engine, grid: tuple[float, ...], max_errors: dict[str, float | None]
+) -> dict[str, dict[str, float | int | None]]:
+    """Per tenant of `max_errors` (tenant -> its δ, None when the bound is off):
+    the wrong rate measured among the verdicts of candidates that would be
+    served (scores at or above the threshold in force; all scores when nothing
+    may be served yet), with its two-sided exact 95 % interval."""
+    totals: dict[str, list[int]] = {}
+    for (tenant, _model, _scorer), stored in load_counts(engine).items():
+        if tenant not in max_errors:
+            continue
+        cal = calibration_of(grid, stored)
+        delta = max_errors[tenant]
+        start = 0
+        if delta is not None:
+            threshold = cal.summary(delta).threshold
+            if threshold is not None:
+                start = int(np.searchsorted(cal.grid, threshold))
+        counts = cal.counts[start:]
+        acc = totals.setdefault(tenant, [0, 0])
+        acc[0] += int(counts[:, Calibration.VERDICTS].sum())
+        acc[1] += int(counts[:, Calibration.WRONG].sum())
+    out: dict[str, dict[str, float | int | None]] = {}
+    for tenant, (n, wrong) in totals.items():
+        low, high = clopper_pearson_interval(wrong, n, CONFIDENCE)
+        out[tenant] = {
+            "verdicts": n,
+            "wrong": wrong,
+            "rate": wrong / n if n else None,
+            "low": low if n else None,
+            "high": high if n else None,
+        }
+    return out
+
+
 class CalibrationBook:
     """Every Calibration of this process, kept in step with the database."""
 
@@ -142,10 +187,7 @@ class CalibrationBook:
 
     @staticmethod
     def _apply(cal: Calibration, stored: Stored) -> None:
-        counts = np.zeros((len(cal.grid), 3), dtype=np.int64)
-        for i, edge in enumerate(cal.grid):
-            counts[i] = stored.get(_milli(float(edge)), (0, 0, 0))
-        cal.set_base(counts)
+        cal.set_base(calibration_of(cal.grid, stored).base)
 
     async def load(self) -> None:
         await asyncio.to_thread(create_table, self.engine)

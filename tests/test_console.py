@@ -358,12 +358,21 @@ def test_spend_for_a_date_range_and_csv_equal_the_report(stack: BearpawStack, pa
 
 
 def test_purge_a_tenants_cache(stack: BearpawStack, page: Page, shared: dict[str, Any]) -> None:
+    from cache.calibration import add_counts, create_table
+
+    # Verdicts of the wrong-hit bound as the gateway stores them: 40 judged
+    # candidates scoring >= 0.9 for this tenant, 2 of them wrong.
+    create_table(stack.engine)
+    add_counts(stack.engine, [((shared["tenant_id"], "tiny", "console-test"), 900, 40, 40, 2)])
     page.goto(_url(stack, "/admin/console/cache"))
     row = f"#cache-tenants tr[data-tenant='{TENANT}']"
     cells = page.eval_on_selector(row, "r => [...r.cells].map(c => c.innerText)")
     assert cells[2:6] == ["1", "1", "0", "50.0%"]  # one hit, one miss
     assert int(cells[7]) >= 1
-    assert page.inner_text("#card-wrong b") == "not measured yet"
+    assert cells[8] == "off"  # no bound δ set for this tenant
+    # 2 wrong of 40 with its exact 95 % interval (Clopper-Pearson: 0.6 %-16.9 %).
+    assert cells[9] == "5.0% (0.6%–16.9%, 40 verdicts)"
+    assert page.inner_text("#card-wrong b").endswith("tenants")
     _shot(page, "cache")
 
     page.click(f"{row} a.danger")

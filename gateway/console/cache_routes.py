@@ -11,6 +11,7 @@ from sqlalchemy import case, func, select
 from sqlalchemy.engine import Engine
 
 from cache import store
+from cache.calibration import measured_wrong_rates
 from gateway import tenants as svc
 from gateway.console import session
 from gateway.console.common import db, state
@@ -45,7 +46,10 @@ def per_tenant(engine: Engine) -> list[dict[str, Any]]:
     )
     out = []
     for tenant in _rows(
-        engine, select(t.id, t.name, t.cache_enabled, t.cache_operating_point).order_by(t.name)
+        engine,
+        select(t.id, t.name, t.cache_enabled, t.cache_operating_point, t.cache_max_error).order_by(
+            t.name
+        ),
     ):
         o = outcomes.get(tenant.id)
         hits, misses = (int(o.hits or 0), int(o.misses or 0)) if o else (0, 0)
@@ -62,6 +66,7 @@ def per_tenant(engine: Engine) -> list[dict[str, Any]]:
                 "hit_rate": hits / (hits + misses) if hits + misses else None,
                 "avoided": float(o.avoided or 0) if o else 0.0,
                 "entries": int(entries.get(tenant.id, 0)),
+                "max_error": tenant.cache_max_error,
             }
         )
     return out
@@ -82,6 +87,12 @@ async def cache_page(request: Request, purged: str = "", deleted: int = 0) -> Re
     if stats:
         hits = stats.get("hits_exact", 0) + stats.get("hits_semantic", 0)
         share = stats.get("hits_semantic", 0) / hits if hits else None
+    if cache is not None:
+        # The wrong rate measured on each tenant's own verdicts (issue 13's bound).
+        deltas = {r["id"]: r["max_error"] for r in rows}
+        measured = await db(request, measured_wrong_rates, cache.grid, deltas)
+        for r in rows:
+            r["wrong"] = measured.get(r["id"])
     flash = f"Purged {deleted} cache entries of {purged}." if purged else ""
     return page(
         request,
