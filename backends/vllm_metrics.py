@@ -29,6 +29,69 @@ _FIELDS: dict[str, str] = {
 # Gauges that describe one engine's fill level are averaged over engines
 # (data parallel) rather than summed.
 _AVERAGED = frozenset({"kv_usage", "sleep_state"})
+# Latency histograms the SLO pacer reads (family -> dataclass field). Older vLLM
+# releases named the inter-token histogram time_per_output_token_seconds.
+_HISTOGRAMS: dict[str, str] = {
+    "vllm:time_to_first_token_seconds": "ttft",
+    "vllm:inter_token_latency_seconds": "itl",
+    "vllm:time_per_output_token_seconds": "itl_legacy",
+}
+_SUFFIXES = ("_bucket", "_sum", "_count")
+
+
+@dataclass(slots=True)
+class Histogram:
+    """A cumulative Prometheus histogram: counts at or below each upper bound.
+
+    Counters only grow, so the histogram of a time window is the difference of
+    two scrapes (``minus``), and its quantiles are read the way Prometheus'
+    ``histogram_quantile`` reads them: linearly inside the bucket.
+    """
+
+    buckets: dict[float, float] = field(default_factory=dict)
+    sum: float = 0.0
+    count: float = 0.0
+
+    def minus(self, older: Histogram | None) -> Histogram:
+        if older is None:
+            return Histogram(dict(self.buckets), self.sum, self.count)
+        if self.count < older.count:  # the server restarted: the counters began again
+            return Histogram(dict(self.buckets), self.sum, self.count)
+        return Histogram(
+            {le: n - older.buckets.get(le, 0.0) for le, n in self.buckets.items()},
+            self.sum - older.sum,
+            self.count - older.count,
+        )
+
+    def plus(self, other: Histogram) -> Histogram:
+        bounds = set(self.buckets) | set(other.buckets)
+        return Histogram(
+            {le: self.buckets.get(le, 0.0) + other.buckets.get(le, 0.0) for le in bounds},
+            self.sum + other.sum,
+            self.count + other.count,
+        )
+
+    @property
+    def mean(self) -> float | None:
+        return self.sum / self.count if self.count > 0 else None
+
+    def quantile(self, q: float) -> float | None:
+        """The q-quantile in seconds, or None without samples. Past the last
+        finite bound it answers that bound (as Prometheus does)."""
+        if self.count <= 0:
+            return None
+        rank = q * self.count
+        lower, below = 0.0, 0.0
+        finite = sorted(le for le in self.buckets if le != float("inf"))
+        for le in finite:
+            at = self.buckets[le]
+            if at >= rank:
+                inside = at - below
+                if inside <= 0:
+                    return le
+                return lower + (le - lower) * (rank - below) / inside
+            lower, below = le, at
+        return finite[-1] if finite else None
 
 
 @dataclass(slots=True)
@@ -45,6 +108,9 @@ class VllmMetrics:
     requests_finished_total: float = 0.0
     sleep_state: float = 0.0
     engines: int = 0
+    # Latency histograms summed over engines; None when the server has none.
+    ttft: Histogram | None = None
+    itl: Histogram | None = None
     seen: set[str] = field(default_factory=set, repr=False)
 
     @property
@@ -98,12 +164,15 @@ def parse_vllm_metrics(text: str, model_name: str | None = None) -> VllmMetrics:
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     engines: set[str] = set()
+    histograms: dict[str, Histogram] = {}
     for line in text.splitlines():
         if not line.startswith("vllm:"):
             continue
         name, labels, value_text = _split_sample(line)
         attr = _FIELDS.get(name)
         if attr is None:
+            if name.endswith(_SUFFIXES) and (label_filter is None or label_filter in labels):
+                _add_histogram_sample(histograms, name, labels, value_text)
             continue
         if label_filter is not None and label_filter not in labels:
             continue
@@ -123,4 +192,30 @@ def parse_vllm_metrics(text: str, model_name: str | None = None) -> VllmMetrics:
             total /= counts[attr]
         setattr(metrics, attr, total)
     metrics.seen = set(sums)
+    metrics.ttft = histograms.get("ttft")
+    metrics.itl = histograms.get("itl") or histograms.get("itl_legacy")
     return metrics
+
+
+def _add_histogram_sample(
+    histograms: dict[str, Histogram], name: str, labels: str, value_text: str
+) -> None:
+    base, _, suffix = name.rpartition("_")
+    attr = _HISTOGRAMS.get(base)
+    if attr is None:
+        return
+    try:
+        value = float(value_text)
+    except ValueError:
+        return
+    if value != value:
+        return
+    hist = histograms.setdefault(attr, Histogram())
+    if suffix == "bucket":
+        le = _label(labels, "le")
+        bound = float("inf") if le == "+Inf" else float(le)
+        hist.buckets[bound] = hist.buckets.get(bound, 0.0) + value  # engines add up
+    elif suffix == "sum":
+        hist.sum += value
+    else:
+        hist.count += value

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -36,6 +36,44 @@ class LimitSettings(BaseModel):
     budget_refresh_s: float = 30.0
 
 
+class SloTarget(BaseModel):
+    """An interactive latency objective for one model, in the operator's terms.
+
+    Give milliseconds (``ttft_p99_ms``, ``tpot_p99_ms``), a ``ratio`` to the
+    unloaded latency, or both (every stated bound must hold). Batch and async
+    lines of that model are then admitted by a closed loop (workers/slo_pacer.py)
+    instead of the fixed busy/quiet concurrencies.
+    """
+
+    ttft_p99_ms: float | None = Field(default=None, gt=0)
+    tpot_p99_ms: float | None = Field(default=None, gt=0)
+    # Interactive latency at most this multiple of the unloaded latency (1.1 = 10%).
+    ratio: float | None = Field(default=None, gt=1.0)
+    # The unloaded figures the ratio applies to; learned from quiet windows when unset.
+    baseline_ttft_ms: float | None = Field(default=None, gt=0)
+    baseline_tpot_ms: float | None = Field(default=None, gt=0)
+    # Output tokens of a typical interactive answer: the ratio bounds
+    # TTFT p99 + tokens x TPOT, the latency users wait for, not each part alone.
+    ratio_tokens: int = Field(default=128, ge=1)
+    # Bounds of the loop's in-flight lines (per worker process).
+    min_concurrency: int = Field(default=1, ge=1)
+    max_concurrency: int = Field(default=64, ge=1)
+    # Histogram deltas over this many seconds make one reading.
+    window_s: float = Field(default=3.0, gt=0)
+    # Climb while latency is below this fraction of the bound.
+    headroom: float = Field(default=0.85, gt=0, lt=1)
+    # New lines started at once: batch prefills arriving together stall decoding.
+    admit_burst: int = Field(default=4, ge=1)
+
+    @model_validator(mode="after")
+    def _stated(self) -> SloTarget:
+        if self.ttft_p99_ms is None and self.tpot_p99_ms is None and self.ratio is None:
+            raise ValueError("an SLO needs ttft_p99_ms, tpot_p99_ms or ratio")
+        if self.min_concurrency > self.max_concurrency:
+            raise ValueError("min_concurrency is above max_concurrency")
+        return self
+
+
 class WorkerSettings(BaseModel):
     # Start a Celery worker process beside the gateway (the embedded default).
     embedded: bool = True
@@ -57,6 +95,9 @@ class WorkerSettings(BaseModel):
     # How long after the last sign of interactive traffic the busy
     # concurrency still applies (traffic comes in bursts between scrapes).
     backfill_quiet_s: float = 3.0
+    # Interactive SLO per model name ("*" for every model): when one applies, a
+    # closed loop sets the lines in flight instead of the three numbers above.
+    slo: dict[str, SloTarget] = Field(default_factory=dict)
     # Lines one batch task claims before handing the rest to a fresh task.
     batch_chunk_lines: int = 256
     # A claim on a line or job: a worker killed mid-work leaves its claim,
@@ -64,6 +105,11 @@ class WorkerSettings(BaseModel):
     claim_seconds: float = 120.0
     # Redis: an unacknowledged task message is redelivered after this long.
     visibility_timeout_s: float = 3600.0
+
+    def slo_for(self, model: str | None) -> SloTarget | None:
+        if model is not None and model in self.slo:
+            return self.slo[model]
+        return self.slo.get("*")
 
 
 class YamlFileSource(PydanticBaseSettingsSource):

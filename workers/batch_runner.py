@@ -23,6 +23,7 @@ from gateway.db.ids import utcnow
 from gateway.pipeline import Call
 from gateway.protocol import BATCH_URLS
 from gateway.runtime import Runtime
+from workers.slo_pacer import pacer_for
 
 log = logging.getLogger("bearpaw.workers.batches")
 
@@ -81,6 +82,9 @@ class BatchRunner:
                 stop = "expired"
             room = self._concurrency(batch.model) - len(in_flight)
             room = min(room, self.cfg.batch_chunk_lines - started)
+            slo = self.cfg.slo_for(batch.model)
+            if slo is not None:
+                room = min(room, slo.admit_burst)  # spread batch prefills out
             lines: list[BatchLine] = []
             if stop is None and room > 0:
                 await self._pace(batch.model, busy=bool(in_flight))
@@ -125,9 +129,13 @@ class BatchRunner:
         return None
 
     def _concurrency(self, model: str | None) -> int:
-        """Lines to keep in flight: all of batch_concurrency while the backends
-        see nobody else, backfill_busy_concurrency while (and shortly after)
-        they serve requests this worker did not send."""
+        """Lines to keep in flight: under an SLO for the model, what its closed
+        loop allows (workers/slo_pacer.py). Otherwise all of batch_concurrency
+        while the backends see nobody else, backfill_busy_concurrency while (and
+        shortly after) they serve requests this worker did not send."""
+        slo = self.cfg.slo_for(model)
+        if slo is not None and model is not None:
+            return pacer_for(self.rt.pool, model, slo).limit()
         now = time.monotonic()
         if self.rt.pool.foreign_load(model) >= 1:
             self._busy_until = now + self.cfg.backfill_quiet_s

@@ -1,0 +1,274 @@
+"""The SLO pacer (workers/slo_pacer.py) against synthetic metric sequences.
+
+No clock is involved: every test feeds readings (or scrapes with explicit
+timestamps) and checks the limits the loop answers.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from pydantic import ValidationError
+
+from backends.config import BackendSettings, ModelConfig, ReplicaConfig
+from backends.pool import ReplicaPool
+from backends.vllm_metrics import Histogram, VllmMetrics, parse_vllm_metrics
+from gateway.settings import SloTarget, WorkerSettings
+from workers.batch_runner import BatchRunner
+from workers.slo_pacer import AimdLimit, PoolWindow, Reading, SloPacer, pacer_for
+
+BUCKETS = (0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0)
+
+
+def hist(samples: list[float]) -> Histogram:
+    """A cumulative histogram of the given latencies (seconds)."""
+    buckets = {le: float(sum(1 for s in samples if s <= le)) for le in BUCKETS}
+    buckets[float("inf")] = float(len(samples))
+    return Histogram(buckets, sum(samples), float(len(samples)))
+
+
+# ---------------------------------------------------------------- histograms
+
+
+def test_histograms_parsed_summed_over_engines_and_windowed() -> None:
+    text = "\n".join(
+        [
+            "# TYPE vllm:time_to_first_token_seconds histogram",
+            *(
+                f'vllm:time_to_first_token_seconds_bucket{{engine="{e}",le="{le}",'
+                f'model_name="m"}} {n}'
+                for e in ("0", "1")
+                for le, n in (("0.02", 5), ("0.04", 9), ("0.1", 10), ("+Inf", 10))
+            ),
+            'vllm:time_to_first_token_seconds_count{engine="0",model_name="m"} 10',
+            'vllm:time_to_first_token_seconds_count{engine="1",model_name="m"} 10',
+            'vllm:time_to_first_token_seconds_sum{engine="0",model_name="m"} 0.3',
+            'vllm:time_to_first_token_seconds_sum{engine="1",model_name="m"} 0.3',
+            'vllm:inter_token_latency_seconds_bucket{engine="0",le="0.01",model_name="m"} 100',
+            'vllm:inter_token_latency_seconds_bucket{engine="0",le="+Inf",model_name="m"} 100',
+            'vllm:inter_token_latency_seconds_count{engine="0",model_name="m"} 100',
+            'vllm:inter_token_latency_seconds_sum{engine="0",model_name="m"} 0.6',
+            'vllm:num_requests_running{engine="0",model_name="m"} 3',
+        ]
+    )
+    metrics = parse_vllm_metrics(text, "m")
+    assert metrics.running == 3
+    assert metrics.ttft is not None and metrics.itl is not None
+    assert metrics.ttft.count == 20
+    assert metrics.ttft.buckets[0.02] == 10
+    # Median: rank 10 of 20 lies at the top of the first bucket (10 at or below 20 ms).
+    assert metrics.ttft.quantile(0.5) == pytest.approx(0.02)
+    # p99: rank 19.8 of 20 lies in (0.04, 0.1], where the last 2 samples are.
+    assert metrics.ttft.quantile(0.99) == pytest.approx(0.04 + 0.06 * 1.8 / 2)
+    assert metrics.itl.mean == pytest.approx(0.006)
+
+    later = hist([0.01] * 4 + [0.3] * 1)
+    window = later.minus(hist([0.01] * 4))
+    assert window.count == 1 and window.quantile(0.99) == pytest.approx(0.25 + 0.25 * 0.99)
+    assert Histogram().quantile(0.99) is None
+    # A restarted server's counters begin again: the newer scrape is the window.
+    assert hist([0.01]).minus(hist([0.01] * 5)).count == 1
+
+
+# ------------------------------------------------------------------ the AIMD
+
+
+def test_backs_off_within_one_decision_and_never_below_the_floor() -> None:
+    aimd = AimdLimit(lo=1, hi=64, start=32, settle_ticks=2)
+    assert aimd.step(1.2, in_use=32) == 16  # at risk: halved at once
+    assert aimd.step(1.2, in_use=16) == 16  # settling: the cut is on its way
+    assert aimd.step(1.2, in_use=16) == 16
+    assert aimd.step(1.2, in_use=16) == 8  # still over after settling: again
+    assert aimd.step(3.0, in_use=8) == 2  # severe: a quarter, even while settling
+    for _ in range(10):
+        aimd.step(3.0, in_use=1)
+    assert aimd.limit == 1
+
+
+def test_climbs_back_when_met_and_stays_bounded() -> None:
+    aimd = AimdLimit(lo=1, hi=20, start=4, settle_ticks=0)
+    assert aimd.step(0.8, in_use=4) == 5  # comfortably inside: one more line
+    assert aimd.step(0.2, in_use=5) == 6  # far inside: a quarter more (at least one)
+    assert aimd.step(0.9, in_use=6) == 6  # near the bound: hold
+    assert aimd.step(None, in_use=6) == 12  # nobody to protect: double
+    for _ in range(10):
+        aimd.step(None, in_use=aimd.limit)
+    assert aimd.limit == 20
+    # A limit the batch does not fill does not grow further.
+    small = AimdLimit(lo=1, hi=64, start=8, settle_ticks=0)
+    for _ in range(10):
+        small.step(0.1, in_use=3)
+    assert small.limit == 8
+
+
+def latency_model(lines: int) -> tuple[float, float]:
+    """Interactive (TTFT p99, TPOT) in seconds with `lines` batch lines running,
+    shaped like the H200 measurement: per-token time grows ~1.7% per line."""
+    return 0.03 + 0.006 * lines, 0.0051 * (1 + 0.017 * lines)
+
+
+def run_loop(pacer: SloPacer, ticks: int, lag: int = 2) -> list[tuple[int, float]]:
+    """Closed loop: the lines in flight follow the limit `lag` decisions later
+    (lines already running finish first); returns (lines, loaded/unloaded) per tick."""
+    history: list[int] = [pacer.limit] * (lag + 1)
+    trace = []
+    ttft0, tpot0 = latency_model(0)
+    for _ in range(ticks):
+        lines = history[-1 - lag]
+        ttft, tpot = latency_model(lines)
+        pacer.observe(Reading(ttft, tpot, busy=True, own=lines))
+        trace.append((lines, (ttft + 128 * tpot) / (ttft0 + 128 * tpot0)))
+        history.append(pacer.limit)
+    return trace
+
+
+def test_holds_a_ratio_slo_against_a_latency_model() -> None:
+    bounds = SloTarget(ratio=1.5, baseline_ttft_ms=30, baseline_tpot_ms=5.1)
+    pacer = SloPacer(bounds)
+    trace = run_loop(pacer, 300)
+    settled = trace[100:]
+    lines = [n for n, _ in settled]
+    # The model allows ~26 lines at 1.5x; the loop lives just below that.
+    assert 10 <= min(lines) and max(lines) <= 30
+    over = [r for _, r in settled if r > 1.5]
+    assert len(over) <= len(settled) // 10  # rare, brief excursions
+    assert max(r for _, r in settled) < 1.5 * 1.1
+
+
+def test_tighter_slo_admits_fewer_lines() -> None:
+    loose = run_loop(SloPacer(SloTarget(ratio=1.5, baseline_tpot_ms=5.1, baseline_ttft_ms=30)), 200)
+    tight = run_loop(SloPacer(SloTarget(ratio=1.1, baseline_tpot_ms=5.1, baseline_ttft_ms=30)), 200)
+
+    def mean(trace: list[tuple[int, float]]) -> float:
+        return sum(n for n, _ in trace[100:]) / 100
+
+    assert mean(tight) < mean(loose)
+    assert all(r <= 1.1 * 1.1 for _, r in tight[100:])
+
+
+def test_millisecond_bounds_and_valleys() -> None:
+    pacer = SloPacer(SloTarget(ttft_p99_ms=100, tpot_p99_ms=7, max_concurrency=32))
+    assert pacer.observe(Reading(0.05, 0.005, busy=True, own=1)) == 2
+    assert pacer.last_pressure == pytest.approx(0.05 / 0.1 * 0 + 5 / 7)
+    pacer.observe(Reading(0.3, 0.005, busy=True, own=2))  # TTFT over its bound
+    assert pacer.limit == 1 and pacer.last_pressure == pytest.approx(3.0)
+    pacer.aimd._settling = 0
+    for _ in range(6):  # nobody else at the servers: double up to the cap
+        pacer.observe(Reading(None, 0.005, busy=False, own=pacer.limit))
+    assert pacer.limit == 32
+    # Traffic is back but no latency sample yet: hold, do not guess.
+    assert pacer.observe(Reading(None, None, busy=True, own=32)) == 32
+
+
+def test_ratio_without_baseline_holds_the_floor_then_learns_it() -> None:
+    pacer = SloPacer(SloTarget(ratio=1.2, min_concurrency=2))
+    pacer.aimd.limit = 10
+    # No baseline yet and our lines above the floor: nothing to learn from.
+    assert pacer.observe(Reading(0.05, 0.006, busy=True, own=10)) == 2
+    assert pacer.base_tpot is None
+    # A window with only the floor's lines measures the unloaded latency.
+    assert pacer.observe(Reading(0.03, 0.005, busy=True, own=2)) == 3
+    assert pacer.base_tpot == pytest.approx(0.005)
+    # Learned fast downwards, slowly upwards.
+    pacer.observe(Reading(0.03, 0.004, busy=True, own=2))
+    assert pacer.base_tpot == pytest.approx(0.0045)
+    pacer.observe(Reading(0.03, 0.008, busy=True, own=1))
+    assert pacer.base_tpot == pytest.approx(0.0045 * 0.95 + 0.008 * 0.05)
+
+
+def test_slo_needs_a_bound() -> None:
+    with pytest.raises(ValidationError):
+        SloTarget()
+    with pytest.raises(ValidationError):
+        SloTarget(ratio=1.1, min_concurrency=8, max_concurrency=4)
+    settings = WorkerSettings(slo={"*": {"ratio": 1.5}, "big": {"tpot_p99_ms": 30}})
+    assert settings.slo_for("big").tpot_p99_ms == 30  # type: ignore[union-attr]
+    assert settings.slo_for("other").ratio == 1.5  # type: ignore[union-attr]
+    assert WorkerSettings().slo_for("other") is None
+
+
+# ------------------------------------------------------ through a replica pool
+
+
+def two_replica_pool() -> ReplicaPool:
+    return ReplicaPool(
+        BackendSettings(
+            discover=[],
+            models=[
+                ModelConfig(
+                    name="tiny",
+                    replicas=[
+                        ReplicaConfig(url="http://127.0.0.1:1/v1"),
+                        ReplicaConfig(url="http://127.0.0.1:2/v1"),
+                    ],
+                )
+            ],
+        )
+    )
+
+
+def scrape(replica: object, at: float, running: float, ttft: list[float], itl: list[float]) -> None:
+    metrics = VllmMetrics(running=running, ttft=hist(ttft), itl=hist(itl))
+    metrics.seen = {"running"}
+    replica.set_metrics(metrics, at)  # type: ignore[attr-defined]
+
+
+def test_pool_window_reads_histogram_deltas_across_servers() -> None:
+    pool = two_replica_pool()
+    a, b = pool.replicas("tiny")
+    window = PoolWindow(window_s=2.0, stale_after=5.0)
+    a.outstanding = 2
+    scrape(a, 100.0, running=2, ttft=[0.02] * 50, itl=[0.005] * 1000)
+    scrape(b, 100.0, running=0, ttft=[], itl=[])
+    first = window.read(pool.replicas("tiny"), 100.1)
+    assert first is not None and first.ttft_p99 is None  # one scrape: no window yet
+    assert first.busy is False and first.own == 2
+    assert window.read(pool.replicas("tiny"), 100.2) is None  # nothing new since
+    # One second later A served 10 more first tokens, two of them slow, and
+    # tokens 8 ms apart; B served someone else's request (busy).
+    scrape(a, 101.0, running=2, ttft=[0.02] * 58 + [0.3] * 2, itl=[0.005] * 1000 + [0.008] * 100)
+    scrape(b, 101.0, running=1, ttft=[0.02], itl=[0.008] * 100)
+    reading = window.read(pool.replicas("tiny"), 101.1)
+    assert reading is not None and reading.busy is True
+    assert reading.ttft_p99 is not None and reading.ttft_p99 > 0.25  # 2 slow of 11
+    assert reading.tpot == pytest.approx(0.008)
+    # Old scrapes leave the window: a quiet second later only its deltas count.
+    scrape(a, 102.0, running=2, ttft=[0.02] * 58 + [0.3] * 2, itl=[0.005] * 1000 + [0.008] * 100)
+    scrape(b, 102.0, running=1, ttft=[0.02], itl=[0.008] * 100)
+    window.read(pool.replicas("tiny"), 102.1)
+    scrape(a, 103.0, running=2, ttft=[0.02] * 60 + [0.3] * 2, itl=[0.005] * 1100 + [0.008] * 100)
+    scrape(b, 103.0, running=0, ttft=[0.02], itl=[0.008] * 100)
+    reading = window.read(pool.replicas("tiny"), 103.1)
+    assert reading is not None
+    assert reading.ttft_p99 is not None and reading.ttft_p99 <= 0.02
+    assert reading.tpot == pytest.approx(0.005)
+
+
+def test_batch_runner_uses_the_loop_only_under_an_slo() -> None:
+    pool = two_replica_pool()
+    a, b = pool.replicas("tiny")
+    import time
+
+    now = time.monotonic()
+    scrape(a, now - 1.0, running=3, ttft=[0.02] * 10, itl=[0.005] * 100)
+    scrape(b, now - 1.0, running=0, ttft=[], itl=[])
+    cfg = WorkerSettings(
+        batch_concurrency=16,
+        slo={"tiny": SloTarget(ttft_p99_ms=100, tpot_p99_ms=10, min_concurrency=3)},
+    )
+    rt = SimpleNamespace(pool=pool, settings=SimpleNamespace(workers=cfg))
+    runner = BatchRunner(rt, owner="test")  # type: ignore[arg-type]
+    # Busy and no latency window yet: the loop holds its floor, not the fixed 2.
+    assert runner._concurrency("tiny") == 3
+    # A second scrape with fast interactive latencies: the loop climbs.
+    scrape(a, now, running=3, ttft=[0.02] * 20, itl=[0.005] * 200)
+    scrape(b, now, running=0, ttft=[], itl=[])
+    assert runner._concurrency("tiny") > 3
+    assert pacer_for(pool, "tiny", cfg.slo["tiny"]) is pacer_for(pool, "tiny", cfg.slo["tiny"])
+    # Without an SLO for the model, the fixed numbers still apply.
+    plain = BatchRunner(
+        SimpleNamespace(pool=pool, settings=SimpleNamespace(workers=WorkerSettings())),  # type: ignore[arg-type]
+        owner="test",
+    )
+    assert plain._concurrency("tiny") == WorkerSettings().backfill_busy_concurrency

@@ -1,0 +1,313 @@
+"""SLO-driven backfill: how many batch/async lines a worker keeps in flight.
+
+A closed loop, one decision per /metrics scrape of the model's vLLM servers:
+
+* the reading is the interactive latency of the last ``window_s`` seconds,
+  from the difference of two scrapes of vLLM's histograms (no new channel
+  between gateway and worker): TTFT p99 from ``time_to_first_token_seconds``,
+  per-token time as the mean of ``inter_token_latency_seconds``. The mean is
+  used because vLLM's inter-token buckets (10, 25, 50 ms ...) are too coarse
+  to read a p99 of a few ms, and one decode step serves every running
+  sequence, so a token costs nearly the same for all of them;
+* pressure = the worst of measured / bound over the stated bounds (for a
+  ratio: the used share of the allowed excess over the unloaded latency);
+* additive increase while pressure is below ``headroom`` (faster when far
+  below it), multiplicative decrease as soon as it passes 1, then a short
+  settling time, since lines already running keep loading the server until
+  they end. With nobody else at the servers the limit doubles (a valley).
+
+Several worker processes each run this loop on the same signal; like TCP
+flows sharing a link, their AIMD limits converge to shares of what the SLO
+allows, so no coordination between them is needed.
+
+The loop counts decisions, never the clock: ``AimdLimit`` is a pure function
+of the readings it is fed, which is what the unit tests drive.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import weakref
+from collections import deque
+from dataclasses import dataclass
+from typing import Protocol
+
+from backends.vllm_metrics import Histogram
+
+# Pressure above which one decrease is not enough: cut to a quarter.
+SEVERE = 1.5
+# Pressure below which the limit climbs by a quarter rather than one line.
+FAR_INSIDE = 0.5
+# Weight of a new quiet window in the learned unloaded latency: fast downwards,
+# slow upwards, so that windows loaded by other workers' lines (which this
+# process cannot tell from interactive load) do not loosen the ratio quickly.
+BASELINE_DOWN = 0.5
+BASELINE_UP = 0.05
+
+
+class SloBounds(Protocol):
+    """What the pacer needs of gateway.settings.SloTarget (duck-typed, since
+    workers' modules below the runner do not depend on gateway settings)."""
+
+    ttft_p99_ms: float | None
+    tpot_p99_ms: float | None
+    ratio: float | None
+    baseline_ttft_ms: float | None
+    baseline_tpot_ms: float | None
+    ratio_tokens: int
+    min_concurrency: int
+    max_concurrency: int
+    window_s: float
+    headroom: float
+    admit_burst: int
+
+
+class AimdLimit:
+    """Additive increase, multiplicative decrease of an in-flight limit."""
+
+    def __init__(
+        self,
+        lo: int,
+        hi: int,
+        start: int | None = None,
+        headroom: float = 0.85,
+        decrease: float = 0.5,
+        settle_ticks: int = 2,
+    ) -> None:
+        self.lo, self.hi = lo, hi
+        self.limit = lo if start is None else max(lo, min(hi, start))
+        self.headroom = headroom
+        self.decrease = decrease
+        self.settle_ticks = settle_ticks
+        self._settling = 0
+
+    def step(self, pressure: float | None, in_use: int | None = None) -> int:
+        """One decision. ``pressure`` is measured latency / bound (None: no
+        interactive traffic to protect); ``in_use`` the lines actually in
+        flight, so that a limit nobody fills neither grows nor shields a cut."""
+        used = self.limit if in_use is None else max(self.lo, min(self.limit, in_use))
+        if pressure is not None and pressure > 1.0:
+            if self._settling > 0 and pressure < SEVERE:
+                self._settling -= 1  # the last cut has not taken effect yet
+                return self.limit
+            factor = self.decrease if pressure < SEVERE else self.decrease / 2
+            self.limit = max(self.lo, min(self.limit, math.floor(used * factor)))
+            self._settling = self.settle_ticks
+            return self.limit
+        if self._settling > 0:
+            self._settling -= 1
+            return self.limit
+        if pressure is None:
+            grown = 2 * used  # nobody to protect: slow start
+        elif pressure < FAR_INSIDE * self.headroom:
+            grown = used + max(1, used // 4)
+        elif pressure < self.headroom:
+            grown = used + 1
+        else:
+            return self.limit  # close to the bound: hold
+        self.limit = max(self.limit, min(self.hi, grown))
+        return self.limit
+
+
+@dataclass(slots=True)
+class Reading:
+    """Interactive latency over one window, in seconds."""
+
+    ttft_p99: float | None  # None: no request started in the window
+    tpot: float | None  # mean inter-token latency; None: no token in the window
+    busy: bool  # someone other than this process used the servers in the window
+    own: int  # this process's requests at the servers at the last scrape
+
+
+class SloPacer:
+    """Turns readings into a limit for one model under one SLO."""
+
+    def __init__(self, bounds: SloBounds) -> None:
+        self.bounds = bounds
+        self.aimd = AimdLimit(
+            bounds.min_concurrency, bounds.max_concurrency, headroom=bounds.headroom
+        )
+        self.base_ttft = _seconds(bounds.baseline_ttft_ms)
+        self.base_tpot = _seconds(bounds.baseline_tpot_ms)
+        self.last_pressure: float | None = None
+
+    @property
+    def limit(self) -> int:
+        return self.aimd.limit
+
+    def observe(self, reading: Reading) -> int:
+        """Feed one window's reading; returns the new limit."""
+        if not reading.busy:
+            self.last_pressure = None
+            return self.aimd.step(None, reading.own)
+        self._learn_baseline(reading)
+        pressure = self.pressure(reading)
+        self.last_pressure = pressure
+        if pressure is None and self.bounds.ratio is not None and not self._has_baseline():
+            # A ratio needs the unloaded latency: stay at the floor until a
+            # window with only that many lines of ours has measured it.
+            self.aimd.limit = self.aimd.lo
+            return self.aimd.limit
+        if pressure is None:
+            return self.aimd.limit  # traffic, but no latency sample yet: hold
+        return self.aimd.step(pressure, reading.own)
+
+    def pressure(self, reading: Reading) -> float | None:
+        """Worst measured / bound over the stated bounds; None if none applies."""
+        b = self.bounds
+        worst: float | None = None
+
+        def worse(measured: float | None, bound: float | None) -> None:
+            nonlocal worst
+            if measured is None or bound is None or bound <= 0:
+                return
+            ratio = measured / bound
+            worst = ratio if worst is None else max(worst, ratio)
+
+        worse(reading.ttft_p99, _seconds(b.ttft_p99_ms))
+        worse(reading.tpot, _seconds(b.tpot_p99_ms))
+        if b.ratio is not None and self._has_baseline():
+            base_ttft = self.base_ttft or 0.0
+            base_tpot = self.base_tpot or 0.0
+            ttft = reading.ttft_p99 if reading.ttft_p99 is not None else base_ttft
+            tpot = reading.tpot if reading.tpot is not None else base_tpot
+            # The latency users wait for: first token, then ratio_tokens more.
+            unloaded = base_ttft + b.ratio_tokens * base_tpot
+            loaded = ttft + b.ratio_tokens * tpot
+            # Pressure on the allowed excess, not on the whole latency: at 1.1x
+            # a bound-relative headroom of 85% would sit inside the unloaded
+            # latency itself and never let a line in.
+            if unloaded > 0:
+                excess = max(0.0, loaded / unloaded - 1.0) / (b.ratio - 1.0)
+                worst = excess if worst is None else max(worst, excess)
+        return worst
+
+    def _has_baseline(self) -> bool:
+        return self.base_tpot is not None
+
+    def _learn_baseline(self, reading: Reading) -> None:
+        """Quiet windows (no more of our lines than the floor) refresh the
+        unloaded latency, unless the operator stated it."""
+        if reading.own > self.aimd.lo:
+            return
+        if self.bounds.baseline_tpot_ms is None and reading.tpot is not None:
+            self.base_tpot = _ewma(self.base_tpot, reading.tpot)
+        if self.bounds.baseline_ttft_ms is None and reading.ttft_p99 is not None:
+            self.base_ttft = _ewma(self.base_ttft, reading.ttft_p99)
+
+
+class ServerView(Protocol):
+    """A replica as the pacer reads it (backends.replica.Replica)."""
+
+    root: str
+    metrics_at: float
+    outstanding_at_scrape: int
+
+    def fresh_metrics(self, now: float, stale_after: float) -> object | None: ...
+
+
+class PoolWindow:
+    """Windowed readings from the replicas' scraped metrics.
+
+    Keeps each server's scrapes for ``window_s`` and answers a reading when a
+    scrape newer than the last one it used has arrived.
+    """
+
+    def __init__(self, window_s: float, stale_after: float) -> None:
+        self.window_s = window_s
+        self.stale_after = stale_after
+        self._history: dict[str, deque[tuple[float, Histogram | None, Histogram | None]]] = {}
+        self._busy: dict[str, deque[tuple[float, bool]]] = {}
+        self._last_seen = 0.0
+
+    def read(self, servers: list[ServerView], now: float) -> Reading | None:
+        newest = 0.0
+        ttft = Histogram()
+        tpot = Histogram()
+        busy = False
+        own = 0
+        seen: set[str] = set()
+        for server in servers:
+            metrics = server.fresh_metrics(now, self.stale_after)
+            if metrics is None or server.root in seen:
+                continue
+            seen.add(server.root)
+            newest = max(newest, server.metrics_at)
+            at = server.metrics_at
+            running = getattr(metrics, "running", 0.0) + getattr(metrics, "waiting", 0.0)
+            mine = sum(s.outstanding_at_scrape for s in servers if s.root == server.root)
+            own += mine
+            history = self._history.setdefault(server.root, deque())
+            flags = self._busy.setdefault(server.root, deque())
+            if not history or history[-1][0] != at:
+                history.append((at, getattr(metrics, "ttft", None), getattr(metrics, "itl", None)))
+                flags.append((at, running - mine >= 1))
+            while len(history) > 1 and history[1][0] <= at - self.window_s:
+                history.popleft()
+            while flags and flags[0][0] < at - self.window_s:
+                flags.popleft()
+            busy = busy or any(flag for _, flag in flags)
+            first, last = history[0], history[-1]
+            if len(history) > 1:
+                ttft = _add(ttft, last[1], first[1])
+                tpot = _add(tpot, last[2], first[2])
+        if newest <= self._last_seen:
+            return None
+        self._last_seen = newest
+        return Reading(ttft.quantile(0.99), tpot.mean, busy, own)
+
+
+class PoolLike(Protocol):
+    settings: object
+
+    def replicas(self, model: str | None = None) -> list: ...  # type: ignore[type-arg]
+
+
+class ModelPacer:
+    """A pacer bound to a pool and model: the BatchRunner's one call."""
+
+    def __init__(self, pool: PoolLike, model: str, bounds: SloBounds) -> None:
+        self.pool = pool
+        self.model = model
+        self.bounds = bounds
+        self.pacer = SloPacer(bounds)
+        stale = float(getattr(pool.settings, "metrics_stale_seconds", 5.0))
+        self.window = PoolWindow(bounds.window_s, stale)
+
+    def limit(self, now: float | None = None) -> int:
+        now = time.monotonic() if now is None else now
+        reading = self.window.read(self.pool.replicas(self.model), now)
+        if reading is not None:
+            self.pacer.observe(reading)
+        return self.pacer.limit
+
+
+# One pacer per (pool, model) per process: a batch runs as a chain of short
+# tasks, and the loop's state must outlive each of them.
+_PACERS: weakref.WeakKeyDictionary[object, dict[str, ModelPacer]] = weakref.WeakKeyDictionary()
+
+
+def pacer_for(pool: PoolLike, model: str, bounds: SloBounds) -> ModelPacer:
+    pacers = _PACERS.setdefault(pool, {})
+    pacer = pacers.get(model)
+    if pacer is None or pacer.bounds is not bounds:
+        pacer = pacers[model] = ModelPacer(pool, model, bounds)
+    return pacer
+
+
+def _add(total: Histogram, newer: Histogram | None, older: Histogram | None) -> Histogram:
+    if newer is None:
+        return total
+    return total.plus(newer.minus(older))
+
+
+def _seconds(ms: float | None) -> float | None:
+    return None if ms is None else ms / 1000.0
+
+
+def _ewma(old: float | None, new: float) -> float:
+    if old is None:
+        return new
+    alpha = BASELINE_DOWN if new < old else BASELINE_UP
+    return (1 - alpha) * old + alpha * new
