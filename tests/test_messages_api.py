@@ -918,6 +918,25 @@ def test_cache_hits_answer_messages_plain_and_streamed(vllm_server, tmp_path):
         gw.stop()
 
 
+def test_wrong_method_and_path_answer_in_anthropics_envelope(gateway, key):
+    headers = {"x-api-key": key}
+    wrong = httpx.get(gateway.url + "/v1/messages", headers=headers, timeout=30)
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+    assert wrong.json()["type"] == "error"
+    assert wrong.json()["error"]["type"] == "invalid_request_error"
+    missing = httpx.post(gateway.url + "/v1/messages/batches", headers=headers, timeout=30)
+    assert missing.status_code == 404
+    assert missing.json()["error"]["type"] == "not_found_error"
+    # The real routes are untouched by the catch-all.
+    counted = httpx.post(
+        gateway.url + "/v1/messages/count_tokens",
+        headers=headers,
+        json={"model": "tiny", "messages": MSGS},
+        timeout=60,
+    )
+    assert counted.status_code == 200 and counted.json()["input_tokens"] > 0
+
+
 def test_response_validates_against_the_sdk_types(client):
     # The fields Anthropic's API answers with, and no others.
     raw = client.messages.with_raw_response.create(

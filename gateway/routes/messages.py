@@ -48,6 +48,29 @@ async def count_tokens(request: Request) -> Response:
     return await _in_envelope(request, _count)
 
 
+_OTHER_METHODS = ["GET", "PUT", "PATCH", "DELETE"]
+
+
+@router.api_route("/v1/messages", methods=_OTHER_METHODS, include_in_schema=False)
+@router.api_route("/v1/messages/count_tokens", methods=_OTHER_METHODS, include_in_schema=False)
+async def wrong_method(request: Request) -> Response:
+    # Anthropic's SDKs parse only their own envelope: a wrong method or path
+    # under /v1/messages answers in it too, not in OpenAI's error object.
+    return error_response(
+        405,
+        f"Method {request.method} is not allowed on {request.url.path}; use POST.",
+        request.state.request_id,
+        {"allow": "POST"},
+    )
+
+
+@router.api_route(
+    "/v1/messages/{rest:path}", methods=["POST", *_OTHER_METHODS], include_in_schema=False
+)
+async def unknown_path(request: Request, rest: str) -> Response:
+    return error_response(404, f"Not found: {request.url.path}.", request.state.request_id)
+
+
 async def _in_envelope(request: Request, handler: Handler) -> Response:
     request_id = request.state.request_id
     try:
