@@ -9,10 +9,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from gateway.async_jobs import AsyncJobs
+from gateway.auth import KeyCache
 from gateway.console.router import install as install_console
 from gateway.errors import install_handlers
 from gateway.middleware import RequestIdMiddleware
 from gateway.observability import GatewayMetrics, QueueDepthPoller, configure_logging
+from gateway.resilience.outbox import TaskOutbox
+from gateway.resilience.probes import DependencyProbes, dependency_checks
 from gateway.routes import (
     admin,
     batches,
@@ -65,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             limiter=runtime.limiter,
             prices=runtime.prices,
             pipeline=runtime.pipeline,
+            key_cache=KeyCache(settings.resilience.key_ttl_s, settings.resilience.key_stale_s),
         )
         state.extras["registry"] = metrics.registry
         state.extras["metrics"] = metrics
@@ -72,9 +76,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.extras["responses"] = runtime.responses
         app.state.bearpaw = state
         middleware_metrics[0] = metrics
+        resilience = settings.resilience
+        dependencies = runtime.dependencies
+        state.extras["dependencies"] = dependencies
+        state.extras["usage_spool"] = runtime.usage.spool
         tasks = TaskQueue(settings.celery_broker_url, settings.workers.visibility_timeout_s)
-        state.extras["tasks"] = tasks
-        state.extras["jobs"] = AsyncJobs(state.engine, tasks)
+        outbox = TaskOutbox(
+            tasks,
+            dependencies,
+            reject_when_down=resilience.broker_on_error == "reject",
+            retry_after_s=resilience.retry_after_s,
+            interval_s=resilience.probe_interval_s,
+        )
+        outbox.start()
+        state.extras["tasks"] = outbox
+        state.extras["jobs"] = AsyncJobs(state.engine, outbox)
+        probes = DependencyProbes(
+            dependencies,
+            dependency_checks(settings, runtime, outbox),
+            interval_s=resilience.probe_interval_s,
+        )
+        probes.start()
+        metrics.set_dependencies(dependencies, runtime.usage.spool, outbox)
         for hook in STARTUP_HOOKS:
             await hook(app, state)
         # SIGTERM flips /ready to 503 before uvicorn stops accepting (drain).
@@ -86,6 +109,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             state.extras["draining"] = True
             restore_signals()
             await queue_depth.close()
+            await probes.close()
+            await outbox.close()
             for hook in SHUTDOWN_HOOKS:
                 await hook(app, state)
             await runtime.close()

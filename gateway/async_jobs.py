@@ -16,6 +16,7 @@ from gateway.db.ids import new_id, unix, utcnow
 from gateway.db.jobs import Job
 from gateway.errors import APIError
 from gateway.pipeline import Call, Outcome
+from gateway.resilience.outbox import TaskOutbox
 from gateway.task_queue import RUN_JOB, TaskQueue
 
 FINISHED = ("completed", "failed", "cancelled")
@@ -39,7 +40,7 @@ def job_object(job: Job) -> dict[str, Any]:
 class AsyncJobs:
     """The gateway's side of async jobs; workers/tasks.py runs them."""
 
-    def __init__(self, engine: Engine, tasks: TaskQueue) -> None:
+    def __init__(self, engine: Engine, tasks: TaskQueue | TaskOutbox) -> None:
         self.engine = engine
         self.tasks = tasks
 
@@ -60,6 +61,9 @@ class AsyncJobs:
 
     async def enqueue(self, call: Call) -> Job:
         """Stores the call as a queued job and hands its id to the workers."""
+        check = getattr(self.tasks, "check_accepting", None)
+        if check is not None:
+            check()  # 503 up front while the broker is down, under `reject`
         job = Job(
             id=new_id("job_"),
             tenant_id=call.caller.tenant_id,

@@ -4,34 +4,49 @@ from __future__ import annotations
 
 import hmac
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
 from gateway.caller import Caller
 from gateway.errors import APIError
+from gateway.resilience.dependencies import DATABASE_ERRORS, unavailable
 from gateway.tenants import authenticate, hash_key
 
 
 class KeyCache:
-    """Short-lived memory of key lookups, so the hot path does not hit the
-    database per request. Revocation through this process is immediate; through
-    another process it takes at most `ttl` seconds."""
+    """Memory of key lookups (the key's tenant settings included), so the hot
+    path does not hit the database per request and keeps serving while the
+    database is down.
 
-    def __init__(self, ttl: float = 2.0) -> None:
+    A lookup is trusted for `ttl` seconds: revocations and settings changes made
+    through another process reach this one within that bound. Past it the key
+    is looked up again; if the database cannot answer, the last answer stands
+    for up to `stale` seconds (stale-if-error)."""
+
+    def __init__(self, ttl: float = 2.0, stale: float = 86400.0) -> None:
         self.ttl = ttl
+        self.stale = stale
         self._entries: dict[str, tuple[float, Caller | None]] = {}
 
     def get(self, digest: str) -> tuple[bool, Caller | None]:
+        """(fresh, caller): a fresh answer, or (False, None) to look it up."""
         item = self._entries.get(digest)
-        if item is None or item[0] < time.monotonic():
+        if item is None or item[0] + self.ttl < time.monotonic():
+            return False, None
+        return True, item[1]
+
+    def stale_get(self, digest: str) -> tuple[bool, Caller | None]:
+        """(known, caller) from a lookup up to `stale` seconds old."""
+        item = self._entries.get(digest)
+        if item is None or item[0] + self.stale < time.monotonic():
             return False, None
         return True, item[1]
 
     def put(self, digest: str, caller: Caller | None) -> None:
         if len(self._entries) > 100_000:
             self._entries.clear()
-        self._entries[digest] = (time.monotonic() + self.ttl, caller)
+        self._entries[digest] = (time.monotonic(), caller)
 
     def clear(self) -> None:
         self._entries.clear()
@@ -60,9 +75,7 @@ async def caller_for_secret(request: Request, secret: str) -> Caller:
     digest = hash_key(secret)
     found, caller = state.key_cache.get(digest)
     if not found:
-        pair = await state.run_sync(authenticate, state.engine, secret)
-        caller = Caller.of(*pair) if pair else None
-        state.key_cache.put(digest, caller)
+        caller = await _look_up(state, secret, digest)
     if caller is None:
         raise APIError(
             401,
@@ -71,6 +84,32 @@ async def caller_for_secret(request: Request, secret: str) -> Caller:
             code="invalid_api_key",
         )
     return caller
+
+
+async def _look_up(state: Any, secret: str, digest: str) -> Caller | None:
+    deps = state.extras.get("dependencies")
+    if deps is not None and deps.is_down("database"):
+        # Known down: answer from memory without a connect attempt per request.
+        return _stale_or_unavailable(state, digest, None)
+    try:
+        pair = await state.run_sync(authenticate, state.engine, secret)
+    except DATABASE_ERRORS as exc:
+        if deps is not None:
+            deps.failed("database", exc)
+        return _stale_or_unavailable(state, digest, exc)
+    caller = Caller.of(*pair) if pair else None
+    state.key_cache.put(digest, caller)
+    return caller
+
+
+def _stale_or_unavailable(state: Any, digest: str, exc: Exception | None) -> Caller | None:
+    known, caller = state.key_cache.stale_get(digest)
+    if known:
+        return caller
+    # A key this process has not seen cannot be checked without the database.
+    raise unavailable(
+        "database", state.settings.resilience.retry_after_s, "cannot verify a new API key"
+    ) from exc
 
 
 async def require_admin(request: Request) -> None:

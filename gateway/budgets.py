@@ -28,6 +28,12 @@ from sqlalchemy.engine import Engine
 from gateway.caller import Caller
 from gateway.db import UsageRecord
 from gateway.errors import APIError
+from gateway.resilience.dependencies import (
+    Dependencies,
+    is_database_error,
+    is_redis_error,
+    unavailable,
+)
 
 log = logging.getLogger("bearpaw.budgets")
 
@@ -100,7 +106,7 @@ class RedisSpend:
     def __init__(self, url: str) -> None:
         import redis.asyncio as redis
 
-        self.client = redis.from_url(url)
+        self.client = redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=1.0)
         self._add = self.client.register_script(_ADD_IF_PRESENT)
 
     async def get(self, key: str) -> float | None:
@@ -128,8 +134,16 @@ class BudgetGuard:
         refresh_s: float = 30.0,
         warn_ratio: float = 0.8,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        deny_on_error: bool = False,
+        dependencies: Dependencies | None = None,
+        retry_after_s: int = 5,
     ) -> None:
         self.engine = engine
+        # A hard budget whose spend cannot be read: refuse (503) instead of
+        # serving unmetered against it (`resilience.budget_on_error: deny`).
+        self.deny_on_error = deny_on_error
+        self.dependencies = dependencies
+        self.retry_after_s = retry_after_s
         self.store = store
         self.refresh_s = refresh_s
         self.warn_ratio = warn_ratio
@@ -154,11 +168,11 @@ class BudgetGuard:
         if budget is None:
             return {}
         try:
+            if self._shared_store_down():
+                raise ConnectionError("the spend store (Redis) is down")
             spent = await self.spend(caller.tenant_id)
-        except Exception:
-            # An unreadable spend must not take the gateway down with it.
-            log.warning("could not read spend of %s; admitting", caller.tenant_id, exc_info=True)
-            return {}
+        except Exception as exc:
+            return self._unreadable(caller, exc)
         headers = {REMAINING_HEADER: f"{max(0.0, budget - spent):.6f}"}
         if spent >= budget:
             if caller.budget_hard:
@@ -181,10 +195,24 @@ class BudgetGuard:
             )
         return headers
 
+    def _shared_store_down(self) -> bool:
+        deps = self.dependencies
+        return isinstance(self.store, RedisSpend) and deps is not None and deps.is_down("redis")
+
+    def _unreadable(self, caller: Caller, exc: Exception) -> dict[str, str]:
+        name = "database" if is_database_error(exc) else "redis"
+        if self.dependencies is not None and (is_database_error(exc) or is_redis_error(exc)):
+            self.dependencies.failed(name, exc)
+        if self.deny_on_error and caller.budget_hard:
+            raise unavailable(name, self.retry_after_s, "a hard budget's spend cannot be read")
+        # An unreadable spend must not take the gateway down with it.
+        log.warning("could not read spend of %s; admitting", caller.tenant_id, exc_info=exc)
+        return {}
+
     def observe(self, record: UsageRecord) -> None:
         """Adds a written record's cost to its tenant's spend (sync: the
         pipeline's observer hook)."""
-        if not record.cost_usd:
+        if not record.cost_usd or self._shared_store_down():
             return
         key = self._key(record.tenant_id, record.created_at or self.now())
         task = asyncio.get_running_loop().create_task(self.store.add(key, record.cost_usd))
@@ -201,10 +229,24 @@ class BudgetGuard:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-def build_budget_guard(redis_url: str | None, engine: Engine, refresh_s: float) -> BudgetGuard:
+def build_budget_guard(
+    redis_url: str | None,
+    engine: Engine,
+    refresh_s: float,
+    deny_on_error: bool = False,
+    dependencies: Dependencies | None = None,
+    retry_after_s: int = 5,
+) -> BudgetGuard:
     """The guard a gateway process uses: spend shared through Redis when configured."""
     store: SpendStore = RedisSpend(redis_url) if redis_url else MemorySpend()
-    return BudgetGuard(engine, store, refresh_s=refresh_s)
+    return BudgetGuard(
+        engine,
+        store,
+        refresh_s=refresh_s,
+        deny_on_error=deny_on_error,
+        dependencies=dependencies,
+        retry_after_s=retry_after_s,
+    )
 
 
 async def close_budget_guard(guard: BudgetGuard) -> None:

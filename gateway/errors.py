@@ -113,5 +113,18 @@ def install_handlers(app: FastAPI) -> None:
         return json_error(APIError(exc.status_code, message, code=code))
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Imported here: the resilience package builds on this module.
+        from gateway.resilience.dependencies import is_database_error, unavailable
+
+        if is_database_error(exc):
+            # Files, batches, jobs, reports, admin: they need the database; say
+            # so with a 503 the client can retry, never a bare 500.
+            state = getattr(request.app.state, "bearpaw", None)
+            retry = 5
+            if state is not None:
+                if "dependencies" in state.extras:
+                    state.extras["dependencies"].failed("database", exc)
+                retry = state.settings.resilience.retry_after_s
+            return json_error(unavailable("database", retry))
         return json_error(APIError(500, "The server had an error processing your request."))

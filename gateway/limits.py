@@ -26,6 +26,7 @@ from typing import Protocol
 
 from gateway.caller import Caller
 from gateway.errors import APIError
+from gateway.resilience.dependencies import Dependencies, unavailable
 
 log = logging.getLogger("bearpaw.limits")
 
@@ -185,7 +186,9 @@ class RedisCounters:
     def __init__(self, url: str) -> None:
         import redis.asyncio as redis
 
-        self.client = redis.from_url(url)
+        # Short socket timeouts: a hung Redis must cost a request a second at
+        # most before the on-error policy applies, not the OS's TCP timeout.
+        self.client = redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=1.0)
         self._take = self.client.register_script(_TAKE)
         self._adjust = self.client.register_script(_ADJUST)
 
@@ -232,13 +235,20 @@ class Limiter:
         default_rpm: int | None,
         default_tpm: int | None,
         fail_open: bool = True,
+        dependencies: Dependencies | None = None,
+        retry_after_s: int = 5,
     ) -> None:
         self.store = store
         self.default_rpm = default_rpm
         self.default_tpm = default_tpm
-        # When the counter store is unreachable, serve rather than refuse: an
-        # outage of Redis should not become an outage of the gateway.
+        # When the counter store is unreachable, serve (fail open, the default:
+        # an outage of Redis should not become an outage of the gateway) or
+        # refuse with 503 (`resilience.limits_on_error: deny`).
         self.fail_open = fail_open
+        self.dependencies = dependencies
+        self.retry_after_s = retry_after_s
+        if dependencies is not None:
+            dependencies.register("redis")
 
     def checks(self, caller: Caller, tokens: int) -> list[Check]:
         candidates = (
@@ -258,13 +268,16 @@ class Limiter:
         checks = self.checks(caller, tokens)
         if not checks:
             return {}
+        deps = self.dependencies
+        if deps is not None and deps.is_down("redis"):
+            # Known down (the probe says when it is back): no connect attempt per request.
+            return self._unreachable(None)
         try:
             verdict = await self.store.take(checks)
-        except Exception:
-            if not self.fail_open:
-                raise
-            log.warning("rate-limit counters unreachable; admitting", exc_info=True)
-            return {}
+        except Exception as exc:
+            if deps is not None:
+                deps.failed("redis", exc)
+            return self._unreachable(exc)
         if not verdict.allowed:
             check = checks[verdict.failed]
             per = "RPM" if check.unit == "requests" else "TPM"
@@ -287,10 +300,17 @@ class Limiter:
             )
         return _headers(checks, verdict.used)
 
+    def _unreachable(self, exc: Exception | None) -> dict[str, str]:
+        if not self.fail_open:
+            raise unavailable("redis", self.retry_after_s, "rate-limit counters")
+        if exc is not None:
+            log.warning("rate-limit counters unreachable; admitting", exc_info=exc)
+        return {}
+
     async def settle(self, caller: Caller, estimated: int, actual: int) -> None:
         """Replaces a request's estimated tokens with what it actually used."""
         delta = actual - estimated
-        if delta == 0:
+        if delta == 0 or (self.dependencies is not None and self.dependencies.is_down("redis")):
             return
         for check in self.checks(caller, estimated):
             if check.unit != "tokens":

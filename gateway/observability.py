@@ -84,6 +84,10 @@ class GatewayMetrics:
         """Installs the async-queue depth source (the workers' side provides it)."""
         self.queue_depth = source
 
+    def set_dependencies(self, dependencies: Any, spool: Any = None, outbox: Any = None) -> None:
+        """Exports each dependency's state, the usage spool and the task outbox."""
+        self.registry.register(_DependencyCollector(dependencies, spool, outbox))
+
     def observe(self, rec: UsageRecord) -> None:
         self.requests.labels(
             rec.endpoint, rec.model, str(rec.status_code), rec.cache, rec.source
@@ -170,6 +174,47 @@ class _QueueCollector:
         for kind, n in items:
             family.add_metric([str(kind)], float(n))
         yield family
+
+
+class _DependencyCollector:
+    """Up (1), degraded (0.5) or down (0) per dependency, and what waits for
+    one: usage records in the spool (and the age of the oldest), task
+    messages kept for the broker. An alert on the age catches a spool that
+    does not drain."""
+
+    def __init__(self, dependencies: Any, spool: Any, outbox: Any) -> None:
+        self.dependencies = dependencies
+        self.spool = spool
+        self.outbox = outbox
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        from gateway.resilience.dependencies import GAUGE
+
+        up = GaugeMetricFamily(
+            "bearpaw_dependency_up",
+            "Dependency state: 1 up, 0.5 degraded, 0 down",
+            labels=["dependency"],
+        )
+        for name, status in self.dependencies.snapshot().items():
+            up.add_metric([name], GAUGE[status["state"]])
+        yield up
+        if self.spool is not None:
+            yield GaugeMetricFamily(
+                "bearpaw_usage_spool_records",
+                "Usage records waiting in the local spool for the database",
+                value=float(self.spool.depth),
+            )
+            yield GaugeMetricFamily(
+                "bearpaw_usage_spool_oldest_age_seconds",
+                "Age of the oldest spooled usage record (0 when the spool is empty)",
+                value=float(self.spool.oldest_age_s() or 0.0),
+            )
+        if self.outbox is not None:
+            yield GaugeMetricFamily(
+                "bearpaw_task_outbox_messages",
+                "Async job and batch messages waiting for the broker",
+                value=float(self.outbox.depth),
+            )
 
 
 class _CacheCollector:

@@ -80,6 +80,8 @@ class _Meter:
     stream: bool = False
     # Tokens counted against TPM at admission, settled with actual usage later.
     admitted_tokens: int | None = None
+    # The client left and the backend call runs on: it writes the record.
+    finishing: bool = False
 
 
 # A hook the budget guard implements: raises APIError or returns headers.
@@ -96,8 +98,12 @@ class Pipeline:
         prices: PriceBook,
         budget_check: BudgetCheck | None = None,
         observe: Callable[[UsageRecord], None] | None = None,
+        finish_abandoned: bool = True,
     ) -> None:
         self.pool = pool
+        # on_client_disconnect: `finish` lets the backend complete a request
+        # whose client left and bills its final usage; `abort` cancels it.
+        self.finish_abandoned = finish_abandoned
         self.cache = cache
         self.usage = usage
         self.limiter = limiter
@@ -138,9 +144,11 @@ class Pipeline:
         except BackendError as exc:
             outcome = self._fail(meter, from_backend(exc), headers)
         except asyncio.CancelledError:
-            # The client went away before an answer: metered as abandoned.
-            meter.status, meter.error = 499, "client closed request"
-            self._spawn(self._record(meter))
+            # The client went away before an answer: metered as abandoned
+            # (by _finish_abandoned once the backend is done, when it runs on).
+            if not meter.finishing:
+                meter.status, meter.error = 499, "client closed request"
+                self._spawn(self._record(meter))
             raise
         if outcome.stream is None:
             await self._record(meter)
@@ -212,11 +220,17 @@ class Pipeline:
                 raise refusal from exc
         if store:
             # Identical concurrent misses share one backend call.
-            resp = await self.flights.do(
+            work = self.flights.do(
                 key, lambda: self._call_backend(call, meter, path, upstream_body)
             )
         else:
-            resp = await self._call_backend(call, meter, path, upstream_body)
+            work = self._call_backend(call, meter, path, upstream_body)
+
+        def cache_answer(rbody: dict[str, Any]) -> None:
+            if store:
+                self._spawn(self.cache.store(namespace, body, rbody, call.caller.tenant_id))
+
+        resp = await self._outlive_client(work, meter, cache_answer)
         status, rbody, backend = resp
         meter.backend = backend
         headers["x-bearpaw-backend"] = backend
@@ -224,11 +238,47 @@ class Pipeline:
             meter.status, meter.error = status, _error_message(rbody)
             return Outcome(status, rbody, headers)
         self._take_usage(meter, rbody.get("usage"))
-        if store:
-            self._spawn(self.cache.store(namespace, body, rbody, call.caller.tenant_id))
+        cache_answer(rbody)
         if candidate is not None:
             self._spawn(self.cache.verdict(candidate, body, rbody, meter.cache == "verify"))
         return Outcome(200, rbody, headers)
+
+    async def _outlive_client(
+        self,
+        work: Awaitable[tuple[int, dict[str, Any], str]],
+        meter: _Meter,
+        on_answer: Callable[[dict[str, Any]], None],
+    ) -> tuple[int, dict[str, Any], str]:
+        """Awaits the backend call; if the client goes away first (the request
+        is cancelled) and on_client_disconnect is `finish`, the call runs on in
+        the background and its final usage is billed to the request (499)."""
+        if not self.finish_abandoned:
+            return await work
+        task = asyncio.ensure_future(work)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            meter.finishing = True  # the record is written when the call ends
+            self._spawn(self._finish_abandoned(task, meter, on_answer))
+            raise
+
+    async def _finish_abandoned(
+        self,
+        task: asyncio.Future[tuple[int, dict[str, Any], str]],
+        meter: _Meter,
+        on_answer: Callable[[dict[str, Any]], None],
+    ) -> None:
+        try:
+            status, rbody, backend = await task
+        except (Exception, asyncio.CancelledError) as exc:  # failed: nothing generated
+            meter.error = str(exc)
+        else:
+            meter.backend = backend
+            if status < 400:
+                self._take_usage(meter, rbody.get("usage"))
+                on_answer(rbody)  # a retry of the same request is then a cache hit
+        meter.status, meter.error = 499, "client closed request"
+        await self._record(meter)
 
     async def _call_backend(
         self, call: Call, meter: _Meter, path: str, body: dict[str, Any]
@@ -325,8 +375,18 @@ class Pipeline:
         meter.backend = upstream.replica
         headers["x-bearpaw-backend"] = upstream.replica
         assembler = StreamAssembler()
+        # The upstream is read by a task of its own, not by the response: when
+        # the client hangs up, that task can read on to the backend's final
+        # usage (on_client_disconnect: finish), so the record bills exactly
+        # what was generated, and the finished answer still reaches the cache.
+        out: asyncio.Queue[bytes | None] = asyncio.Queue()  # None: the end
+        gone = False
 
-        async def events() -> AsyncIterator[bytes]:
+        def emit(chunk: bytes) -> None:
+            if not gone:
+                out.put_nowait(chunk)
+
+        async def pump() -> None:
             completed = recorded = False
             try:
                 try:
@@ -339,7 +399,7 @@ class Pipeline:
                             continue
                         if "error" in data and not data.get("choices"):
                             meter.status, meter.error = 500, _error_message(data)
-                            yield raw
+                            emit(raw)
                             continue
                         assembler.add(data)
                         usage = data.get("usage")
@@ -348,25 +408,30 @@ class Pipeline:
                         if not data.get("choices"):
                             # The final usage-only chunk goes out only when asked for.
                             if want_usage:
-                                yield raw
+                                emit(raw)
                             continue
                         if usage and not want_continuous:
                             data.pop("usage", None)
-                            yield event(data)
+                            emit(event(data))
                         else:
-                            yield raw
+                            emit(raw)
                 except BackendError as exc:
                     meter.status, meter.error = 502, exc.message
                 if not completed and meter.status < 400:
                     meter.status, meter.error = 502, "the backend stream ended early"
                 if meter.status >= 400:
-                    yield event(
-                        error_body(meter.error or "backend error", "server_error", None, None)
+                    emit(
+                        event(
+                            error_body(meter.error or "backend error", "server_error", None, None)
+                        )
                     )
+                answered = completed and meter.status < 400
+                if gone:
+                    meter.status, meter.error = 499, "client closed the stream"
                 # Usage is committed before the client is told the stream is done.
                 await self._record(meter)
                 recorded = True
-                if completed and meter.status < 400:
+                if answered:
                     if namespace is not None:
                         self._spawn(
                             self.cache.store(
@@ -378,14 +443,28 @@ class Pipeline:
                         self._spawn(
                             self.cache.verdict(candidate, call.body, assembler.response(), explored)
                         )
-                    yield DONE
+                    emit(DONE)
             finally:
                 with anyio.CancelScope(shield=True):
                     await upstream.aclose()
                 if not recorded:
-                    # The client went away mid-stream: metered for what was generated.
+                    # Cancelled (on_client_disconnect: abort, or shutdown):
+                    # metered for the tokens reported so far.
                     meter.status, meter.error = 499, "client closed the stream"
                     self._spawn(self._record(meter))
+                out.put_nowait(None)
+
+        async def events() -> AsyncIterator[bytes]:
+            nonlocal gone
+            reader = self._spawn(pump())
+            try:
+                while (chunk := await out.get()) is not None:
+                    yield chunk
+            finally:
+                if not reader.done():
+                    gone = True
+                    if not self.finish_abandoned:
+                        reader.cancel()
 
         return Outcome(200, None, headers, stream=events())
 
@@ -441,12 +520,13 @@ class Pipeline:
         if self.observe is not None:
             self.observe(record)
 
-    def _spawn(self, coro: Awaitable[Any]) -> None:
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         # Work that must outlive a cancelled request (its usage record, a
         # cache store) runs as its own task, outside the request's cancel scope.
         task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     async def drain(self) -> None:
         if self._background:

@@ -17,6 +17,8 @@ from gateway.dialects.responses.service import ResponsesService
 from gateway.limits import Limiter, MemoryCounters, RedisCounters
 from gateway.pipeline import Call, Outcome, Pipeline
 from gateway.pricing import PriceBook
+from gateway.resilience.dependencies import Dependencies
+from gateway.resilience.usage_spool import UsageSpool
 from gateway.settings import Settings
 from gateway.usage_writer import UsageWriter
 
@@ -34,6 +36,7 @@ class Runtime:
     pipeline: Pipeline
     budgets: BudgetGuard
     responses: ResponsesService
+    dependencies: Dependencies
 
     async def serve(self, call: Call) -> Outcome:
         """Runs a call a worker took (async job or batch line): dialects that
@@ -68,17 +71,36 @@ async def build_runtime(
     if settings.cache.enabled:
         cache = SemanticCache(settings.cache, engine)
         await cache.start()
-    usage = UsageWriter(engine)
+    resilience = settings.resilience
+    dependencies = Dependencies()
+    usage = UsageWriter(
+        engine,
+        spool=UsageSpool(settings.usage_spool_dir),
+        dependencies=dependencies,
+        replay_interval_s=resilience.probe_interval_s,
+    )
     usage.start()
     counters: MemoryCounters | RedisCounters
     if settings.limits.redis_url:
         counters = RedisCounters(settings.limits.redis_url)
     else:
         counters = MemoryCounters()
-    limiter = Limiter(counters, settings.limits.default_rpm, settings.limits.default_tpm)
+    limiter = Limiter(
+        counters,
+        settings.limits.default_rpm,
+        settings.limits.default_tpm,
+        fail_open=resilience.limits_on_error == "allow",
+        dependencies=dependencies if settings.limits.redis_url else None,
+        retry_after_s=resilience.retry_after_s,
+    )
     prices = PriceBook(settings.prices)
     budgets = build_budget_guard(
-        settings.limits.redis_url, engine, settings.limits.budget_refresh_s
+        settings.limits.redis_url,
+        engine,
+        settings.limits.budget_refresh_s,
+        deny_on_error=resilience.budget_on_error == "deny",
+        dependencies=dependencies,
+        retry_after_s=resilience.retry_after_s,
     )
 
     def observed(record: UsageRecord) -> None:
@@ -86,7 +108,16 @@ async def build_runtime(
         if observe is not None:
             observe(record)
 
-    pipeline = Pipeline(pool, cache, usage, limiter, prices, budget_check=budgets, observe=observed)
+    pipeline = Pipeline(
+        pool,
+        cache,
+        usage,
+        limiter,
+        prices,
+        budget_check=budgets,
+        observe=observed,
+        finish_abandoned=resilience.on_client_disconnect == "finish",
+    )
     return Runtime(
         settings,
         engine,
@@ -98,5 +129,6 @@ async def build_runtime(
         prices,
         pipeline,
         budgets,
-        ResponsesService(pipeline, engine),
+        ResponsesService(pipeline, engine, dependencies),
+        dependencies,
     )

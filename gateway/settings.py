@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, model_validator
@@ -112,6 +112,36 @@ class WorkerSettings(BaseModel):
         return self.slo.get("*")
 
 
+class ResilienceSettings(BaseModel):
+    """What the gateway does when a dependency is down (docs: README, "Outages")."""
+
+    # Redis for rate limits unreachable: `allow` serves without counting,
+    # `deny` answers 503 with Retry-After.
+    limits_on_error: Literal["allow", "deny"] = "allow"
+    # A tenant's spend unreadable (Redis or the database down) and the tenant
+    # has a hard budget: `allow` serves, `deny` answers 503.
+    budget_on_error: Literal["allow", "deny"] = "allow"
+    # Broker unreachable when an async job or batch is submitted: `spool`
+    # accepts it (the job is in the database) and publishes it once the broker
+    # is back; `reject` answers 503 with Retry-After and keeps nothing.
+    broker_on_error: Literal["spool", "reject"] = "spool"
+    # How long a key's lookup (its tenant's settings included) is trusted: a
+    # revocation or settings change reaches every process within this bound.
+    key_ttl_s: float = Field(default=2.0, gt=0)
+    # While the database is down, keys seen within this long keep working.
+    key_stale_s: float = Field(default=86400.0, ge=0)
+    # Seconds between probes of each dependency (and spool replay attempts).
+    probe_interval_s: float = Field(default=1.0, gt=0)
+    # Retry-After sent with a 503 for a dependency that is down.
+    retry_after_s: int = Field(default=5, ge=1)
+    # A client hangs up before its answer: `finish` lets the backend finish and
+    # bills the backend's final usage (and caches the answer); `abort` cancels
+    # the backend request and bills the tokens reported up to that point.
+    on_client_disconnect: Literal["finish", "abort"] = "finish"
+    # Where usage records wait while the database is down (default: data_dir/spool).
+    spool_dir: Path | None = None
+
+
 class YamlFileSource(PydanticBaseSettingsSource):
     """Reads the YAML file named by BEARPAW_CONFIG, if any."""
 
@@ -167,6 +197,7 @@ class Settings(BaseSettings):
     limits: LimitSettings = Field(default_factory=LimitSettings)
     workers: WorkerSettings = Field(default_factory=WorkerSettings)
     prices: PriceSettings = Field(default_factory=PriceSettings)
+    resilience: ResilienceSettings = Field(default_factory=ResilienceSettings)
     # vLLM servers `bearpaw backends launch` starts and supervises.
     launch: list[LaunchProfile] = Field(default_factory=list)
 
@@ -192,6 +223,10 @@ class Settings(BaseSettings):
         if self.broker_url:
             return self.broker_url
         return f"sqla+sqlite:///{(self.data_dir / 'broker.db').resolve()}"
+
+    @property
+    def usage_spool_dir(self) -> Path:
+        return self.resilience.spool_dir or (self.data_dir / "spool")
 
     def ensure_dirs(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,16 @@ class TaskQueue:
         self.app = Celery("bearpaw-gateway", broker=broker_url, set_as_current=False)
         self.app.conf.broker_transport_options = broker_options(broker_url, visibility_timeout)
         self.app.conf.broker_connection_retry_on_startup = True
+        # Fail fast when the broker is down: the outbox keeps the message and
+        # sends it later (gateway/resilience/outbox.py), so blocking a request
+        # on Celery's own reconnect loop gains nothing.
+        self.app.conf.broker_connection_timeout = 2.0
+        self.app.conf.task_publish_retry_policy = {
+            "max_retries": 1,
+            "interval_start": 0,
+            "interval_step": 0.2,
+            "interval_max": 0.2,
+        }
 
     def send(self, name: str, object_id: str) -> None:
         self.app.send_task(name, args=[object_id])

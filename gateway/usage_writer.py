@@ -5,6 +5,12 @@ gateway crash cannot lose the usage of a request the client saw answered.
 Committing one row per request would cap throughput at the database's commit
 rate; instead every record that arrives while a commit is running joins the
 next one (group commit), so latency stays one commit and throughput scales.
+
+When the database cannot take a group, the group goes to a local spool
+(gateway/resilience/usage_spool.py) with the same durability (fsync before the
+answers are released), and a replayer thread hands it to the database once it
+is back: a database outage delays usage records, it never loses them nor
+refuses the requests they belong to.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
 from gateway.db import UsageRecord
+from gateway.resilience.dependencies import Dependencies, is_database_error
+from gateway.resilience.usage_spool import UsageSpool
 
 log = logging.getLogger("bearpaw.usage")
 
@@ -57,19 +65,36 @@ class UsageWriter:
 
     _STOP = object()
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        spool: UsageSpool | None = None,
+        dependencies: Dependencies | None = None,
+        replay_interval_s: float = 1.0,
+    ) -> None:
         self.engine = engine
+        self.spool = spool
+        self.dependencies = dependencies or Dependencies()
+        self.dependencies.register("database")
+        self.replay_interval_s = replay_interval_s
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._replayer: threading.Thread | None = None
+        self._stopping = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="usage-writer", daemon=True)
         self._thread.start()
+        if self.spool is not None:
+            self._replayer = threading.Thread(
+                target=self._replay_loop, name="usage-replayer", daemon=True
+            )
+            self._replayer.start()
 
     async def write(self, record: UsageRecord) -> None:
-        """Returns once the record is committed."""
+        """Returns once the record is committed (or durably spooled)."""
         if self._thread is None:  # not started (CLI, tests): write directly
             await asyncio.to_thread(insert_ignoring_duplicates, self.engine, [record_row(record)])
             return
@@ -95,29 +120,82 @@ class UsageWriter:
                     stop = True
                     break
                 batch.append(item)
+            rows = [row for row, _ in batch]
             error: Exception | None = None
             try:
-                if conn is None:
-                    conn = self.engine.connect()
-                conn.execute(stmt, [row for row, _ in batch])
-                conn.commit()
+                if self._spooling():
+                    # Behind the records already waiting, so replay keeps their order.
+                    self.spool.append(rows)  # type: ignore[union-attr]
+                else:
+                    try:
+                        if conn is None:
+                            conn = self.engine.connect()
+                        conn.execute(stmt, rows)
+                        conn.commit()
+                    except Exception as exc:
+                        if conn is not None:
+                            conn.close()
+                            conn = None
+                        if self.spool is None or not is_database_error(exc):
+                            raise
+                        self.dependencies.failed("database", exc)
+                        self.spool.append(rows)
             except Exception as exc:  # keep the writer alive; callers see the failure
                 log.exception("usage write failed")
                 error = exc
-                if conn is not None:
-                    conn.close()
-                    conn = None
             self._loop.call_soon_threadsafe(_settle, [f for _, f in batch], error)
             if stop:
                 break
         if conn is not None:
             conn.close()
 
+    def _spooling(self) -> bool:
+        if self.spool is None:
+            return False
+        return self.spool.depth > 0 or self.dependencies.is_down("database")
+
+    def _replay_loop(self) -> None:
+        assert self.spool is not None
+        scans = 0
+        while not self._stopping.wait(self.replay_interval_s):
+            scans += 1
+            if scans % 10 == 0:
+                self.spool.scan()  # segments a killed process left behind
+            if self.spool.depth == 0:
+                continue
+            self.replay_once()
+
+    def replay_once(self) -> int:
+        """Hands spooled records to the database; returns how many went."""
+        if self.spool is None:
+            return 0
+        try:
+            done = self.spool.replay(lambda rows: insert_ignoring_duplicates(self.engine, rows))
+        except Exception as exc:
+            if is_database_error(exc):
+                self.dependencies.failed("database", exc)
+            else:
+                log.exception("usage spool replay failed")
+            return 0
+        left = self.spool.depth
+        self.dependencies.ok(
+            "database", degraded=f"{left} usage records still spooled" if left else None
+        )
+        return done
+
     async def close(self) -> None:
         if self._thread is not None:
             self._queue.put(self._STOP)
             await asyncio.to_thread(self._thread.join)
             self._thread = None
+        if self._replayer is not None:
+            self._stopping.set()
+            await asyncio.to_thread(self._replayer.join)
+            self._replayer = None
+        if self.spool is not None:
+            if self.spool.depth and not self.dependencies.is_down("database"):
+                await asyncio.to_thread(self.replay_once)
+            self.spool.close()
 
 
 def _settle(futures: list[asyncio.Future[None]], error: Exception | None) -> None:

@@ -95,7 +95,7 @@ async def cancel_batch(request: Request, batch_id: str) -> Response:
     except APIError as exc:
         return RedirectResponse(_back(f"Not cancelled: {exc.message}"), status_code=303)
     # As the API route does: wake a worker, which settles the cancel.
-    await state(request).extras["tasks"].send_async(RUN_BATCH, batch.id)
+    await state(request).extras["tasks"].wake(RUN_BATCH, batch.id)
     return RedirectResponse(_back(f"Batch {batch.id} is {batch.status}."), status_code=303)
 
 

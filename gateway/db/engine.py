@@ -33,7 +33,16 @@ def get_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
-        engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        # Bounded waits: with the database down or hung, a request must learn
+        # it in seconds (and carry on without it), not hang on a connect.
+        engine = create_engine(
+            url,
+            pool_pre_ping=True,
+            pool_size=10,
+            max_overflow=20,
+            pool_timeout=5,
+            connect_args={"connect_timeout": 5} if url.startswith("postgresql") else {},
+        )
     return engine
 
 

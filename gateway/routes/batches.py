@@ -27,6 +27,8 @@ async def create(request: Request, caller: CallerDep) -> dict[str, Any]:
                 param=name,
                 code="missing_required_parameter",
             )
+    tasks = state.extras["tasks"]
+    tasks.check_accepting()  # 503 up front while the broker is down, under `reject`
     batch = await state.run_sync(
         create_batch,
         state.engine,
@@ -36,7 +38,7 @@ async def create(request: Request, caller: CallerDep) -> dict[str, Any]:
         body["completion_window"],
         body.get("metadata"),
     )
-    await state.extras["tasks"].send_async(RUN_BATCH, batch.id)
+    await tasks.send_async(RUN_BATCH, batch.id)
     return await state.run_sync(describe, state.engine, batch)
 
 
@@ -76,5 +78,5 @@ async def cancel(request: Request, caller: CallerDep, batch_id: str) -> dict[str
     batch = await state.run_sync(request_cancel, state.engine, caller.tenant_id, batch_id)
     # Wake a worker even if the batch's task is queued behind others: the
     # cancel is settled by whichever run sees it first.
-    await state.extras["tasks"].send_async(RUN_BATCH, batch.id)
+    await state.extras["tasks"].wake(RUN_BATCH, batch.id)
     return await state.run_sync(describe, state.engine, batch)

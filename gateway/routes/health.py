@@ -22,10 +22,22 @@ async def ready(request: Request) -> JSONResponse:
     healthy = [r for r in replicas if r.get("ready", r.get("healthy"))]
     draining = state.extras.get("draining", False)
     ok = bool(healthy) and not draining
+    # Inference does not need the database, Redis or the broker (usage is
+    # spooled, keys are cached, jobs wait in the outbox): their state is
+    # reported here for alerts, but only replicas and draining decide readiness.
+    spool = state.extras.get("usage_spool")
+    dependencies = state.extras.get("dependencies")
+    outbox = state.extras.get("tasks")
     body = {
         "status": "ready" if ok else "not_ready",
         "draining": draining,
         "replicas": replicas,
+        "dependencies": dependencies.snapshot() if dependencies is not None else {},
+        "usage_spool": {
+            "depth": spool.depth if spool is not None else 0,
+            "oldest_age_s": spool.oldest_age_s() if spool is not None else None,
+        },
+        "task_outbox": {"depth": getattr(outbox, "depth", 0)},
     }
     return JSONResponse(body, status_code=200 if ok else 503)
 

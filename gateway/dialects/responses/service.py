@@ -21,6 +21,7 @@ from gateway.dialects.responses.protocol import refusal
 from gateway.dialects.responses.store import StoredResponse
 from gateway.errors import APIError
 from gateway.pipeline import Call, Outcome, Pipeline
+from gateway.resilience.dependencies import Dependencies, unavailable
 from gateway.sse import parse_event
 
 log = logging.getLogger("bearpaw.responses")
@@ -33,9 +34,22 @@ class JobQueue(Protocol):
 
 
 class ResponsesService:
-    def __init__(self, pipeline: Pipeline, engine: Engine) -> None:
+    def __init__(
+        self, pipeline: Pipeline, engine: Engine, dependencies: Dependencies | None = None
+    ) -> None:
         self.pipeline = pipeline
         self.engine = engine
+        self.dependencies = dependencies
+
+    def _require_database(self, body: dict[str, Any]) -> None:
+        """A stored, chained or background response needs the database: while it
+        is known to be down, refuse before generating rather than generate an
+        answer that cannot be kept (store: false still works)."""
+        deps = self.dependencies
+        if deps is None or not deps.is_down("database"):
+            return
+        if body.get("store", True) or body.get("previous_response_id") or body.get("background"):
+            raise unavailable("database", why="stored responses live there; store: false does not")
 
     async def _db(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         return await asyncio.to_thread(fn, *args, **kwargs)
@@ -48,6 +62,7 @@ class ResponsesService:
             problem = refusal(body)
             if problem is not None:
                 raise APIError(400, problem.message, param=problem.param, code="unsupported")
+            self._require_database(body)
             if body.get("background") or respond_async:
                 if jobs is None:
                     raise APIError(400, "Background responses are not enabled on this gateway.")
