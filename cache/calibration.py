@@ -44,12 +44,20 @@ class CacheCalibration(SQLModel, table=True):
     updated_at: float = 0.0
 
 
+# Bumped whenever cache/bound.py's grids change: rows are keyed by a bin's
+# lower edge, and counts binned on another grid would be read as the wrong
+# bins. (1: the five-point grid of the first version, unnamed; 2: the finer one.)
+GRID_VERSION = 2
+
+
 def scorer_name(verifier_meta: dict | None, embedder: str) -> str:
-    """Names the score verdicts are binned on: a retrained verifier starts afresh."""
+    """Names the score verdicts are binned on: a retrained verifier, or a new
+    grid, starts afresh."""
+    suffix = f":g{GRID_VERSION}"
     if verifier_meta is None:
-        return f"cosine:{embedder}"[:128]
+        return f"cosine:{embedder}"[: 128 - len(suffix)] + suffix
     digest = hashlib.sha256(json.dumps(verifier_meta, sort_keys=True).encode()).hexdigest()
-    return f"verifier:{digest[:16]}"
+    return f"verifier:{digest[:16]}{suffix}"
 
 
 def create_table(engine: Engine) -> None:

@@ -19,7 +19,7 @@ from cache.bound import COSINE_GRID, VERIFIER_GRID, Calibration
 from cache.config import CacheSettings
 from cache.embedder import Embedder
 from cache.features import feature_matrix
-from cache.pairs import embed_pairs, load_pairs
+from cache.pairs import embed_pairs, load_pairs, split_mask
 from cache.verifier import Verifier
 
 
@@ -90,15 +90,21 @@ def load_stream(
     start: int = 0,
     limit: int | None = None,
     use_verifier: bool = True,
+    split: str = "all",
 ) -> Stream:
-    """Scores for pairs ``start .. start+limit`` of the file (embeddings memoised on disk)."""
+    """Scores for pairs ``start .. start+limit`` of the file (embeddings memoised
+    on disk), keeping only the lines of ``split``: ``heldout`` (every 5th line,
+    never seen by the shipped verifier's training when the file is the one it
+    was trained on), ``train`` or ``all``."""
     settings = settings or CacheSettings()
     pairs = load_pairs(path)
     u, v = embed_pairs(
         pairs, Embedder(settings.embedder, settings.device, settings.embedder_runtime)
     )
     stop = len(pairs) if limit is None else min(len(pairs), start + limit)
-    rows = slice(start, stop)
+    keep = np.zeros(len(pairs), dtype=bool)
+    keep[start:stop] = True
+    rows = np.nonzero(keep & split_mask(pairs, split))[0]
     u, v, same = u[rows], v[rows], pairs.same[rows]
     cosine = np.einsum("ij,ij->i", u, v)
     prob = None
@@ -108,7 +114,9 @@ def load_stream(
         except FileNotFoundError:
             verifier = None
         if verifier is not None:
-            prob = verifier.predict_features(feature_matrix(u, v, pairs.a[rows], pairs.b[rows]))
+            a = [pairs.a[i] for i in rows]
+            b = [pairs.b[i] for i in rows]
+            prob = verifier.predict_features(feature_matrix(u, v, a, b))
     score = prob if prob is not None else cosine
     return Stream(
         cosine,
@@ -125,7 +133,7 @@ def simulate(
     max_error: float,
     seed: int | None = None,
     every: int = 500,
-    method: str = "stratified",
+    method: str = "pooled",
 ) -> SimReport:
     """Replay the stream (shuffled with ``seed``, file order when None)."""
     order = np.arange(len(stream.same))
@@ -212,5 +220,27 @@ def format_report(r: SimReport, seed: int | None) -> str:
     lines.append(
         f"  {'online bound':<22} {'':>17}   hits {final.served:>6}   wrong {final.wrong:>5}"
         f"   precision {1 - final.wrong_rate:.3f}   explored {final.explored}"
+    )
+    return "\n".join(lines)
+
+
+def format_summary(reports: list[tuple[int | None, SimReport]]) -> str:
+    """One line per replay order and the worst realised wrong-hit rate among them."""
+    lines = [
+        f"{'order':>10}{'hits':>7}{'wrong':>7}{'wrong %':>9}{'explored':>10}{'verdicts':>10}"
+        f"{'threshold':>11}"
+    ]
+    for seed, r in reports:
+        c = r.final
+        threshold = "-" if c.threshold is None else f"{c.threshold:.3f}"
+        lines.append(
+            f"{'file' if seed is None else f'seed {seed}':>10}{c.served:>7}{c.wrong:>7}"
+            f"{100 * c.wrong_rate:>9.2f}{c.explored:>10}{c.verdicts:>10}{threshold:>11}"
+        )
+    worst = max(reports, key=lambda item: item[1].final.wrong_rate)[1].final
+    hits = [r.final.served for _, r in reports]
+    lines.append(
+        f"worst realised wrong-hit rate {100 * worst.wrong_rate:.2f} % "
+        f"({worst.wrong} of {worst.served}); hits min {min(hits)}, max {max(hits)}"
     )
     return "\n".join(lines)

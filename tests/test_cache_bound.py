@@ -72,18 +72,80 @@ def _calibration_with(counts: dict[int, tuple[int, int, int]], **kw) -> Calibrat
 
 def test_bins():
     cal = Calibration(VERIFIER_GRID)
-    assert VERIFIER_GRID == (0.5, 0.7, 0.8, 0.9, 0.95)
-    assert [cal.bin_of(s) for s in (0.2, 0.5, 0.69, 0.9, 0.949, 0.95, 1.0)] == [
+    assert VERIFIER_GRID[:5] == (0.5, 0.6, 0.7, 0.75, 0.8) and VERIFIER_GRID[-1] == 0.99
+    assert list(VERIFIER_GRID) == sorted(set(VERIFIER_GRID))
+    # Rows are keyed by a bin's lower edge in thousandths: edges must stay distinct.
+    assert len({round(edge * 1000) for edge in VERIFIER_GRID}) == len(VERIFIER_GRID)
+    top = len(VERIFIER_GRID) - 1
+    assert [cal.bin_of(s) for s in (0.2, 0.5, 0.69, 0.9, 0.949, 0.95, 0.995, 1.0)] == [
         None,
         0,
-        0,
-        3,
-        3,
-        4,
-        4,
+        1,
+        VERIFIER_GRID.index(0.9),
+        VERIFIER_GRID.index(0.925),
+        VERIFIER_GRID.index(0.95),
+        top,
+        top,
     ]
     assert cal.bin_of(float("nan")) is None
-    assert [cal.bin_top(s) for s in (0.2, 0.6, 0.92, 0.97)] == [0.5, 0.7, 0.95, float("inf")]
+    assert [cal.bin_top(s) for s in (0.2, 0.65, 0.93, 0.995)] == [0.5, 0.7, 0.95, float("inf")]
+
+
+def test_gateway_default_is_the_pooled_bound_without_bonferroni():
+    cal = Calibration(VERIFIER_GRID)
+    assert cal.method == "pooled" and cal.alpha == pytest.approx(0.05)
+    with pytest.raises(ValueError):
+        Calibration(VERIFIER_GRID, method="bayes")
+    with pytest.raises(ValueError):
+        Calibration(VERIFIER_GRID, correction="holm")
+    # The stored scorer names the grid: counts binned on another grid are not reused.
+    assert calib.scorer_name(None, "m").endswith(f":g{calib.GRID_VERSION}")
+    assert calib.scorer_name({"a": 1}, "m").startswith("verifier:")
+
+
+def test_pooled_bound_pools_every_verdict_of_the_region():
+    i90, i95 = VERIFIER_GRID.index(0.9), VERIFIER_GRID.index(0.95)
+    # 600 verdicts at [0.9, 0.925) with 12 wrong, 300 at [0.95, 0.97) with 0 wrong.
+    cal = _calibration_with({i90: (600, 600, 12), i95: (900, 300, 0)})
+    uppers, n = cal.region_bounds()
+    assert n[i90] == 900 and n[i95] == 300
+    assert uppers[i90] == pytest.approx(clopper_pearson_upper(12, 900, 0.05))
+    assert uppers[i95] == pytest.approx(clopper_pearson_upper(0, 300, 0.05))
+    # 12 of 900 wrong: the bound (about 2.1 %) passes δ = 0.05 and 0.025, not 0.015.
+    assert cal.summary(0.05).threshold == VERIFIER_GRID[0]
+    assert cal.summary(0.025).threshold == VERIFIER_GRID[0]
+    # From 0.925 up (the bin [0.925, 0.95) is empty) only the 300 right ones count.
+    assert cal.summary(0.015).threshold == VERIFIER_GRID[i90 + 1] == 0.925
+
+
+def _monotone_stream(rng, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and verdicts with P(wrong | score) falling from 60 % to 0.5 %."""
+    score = rng.beta(4, 1.2, n)
+    p_wrong = 0.005 + 0.6 * (1 - score) ** 2
+    return score, rng.random(n) >= p_wrong
+
+
+@pytest.mark.parametrize("delta", [0.02, 0.05])
+def test_realised_wrong_rate_stays_under_delta_on_a_monotone_stream(delta):
+    # Under the bound's one assumption (a higher score is never more likely to
+    # be wrong) the served hits' realised wrong rate stays ≤ δ, while a
+    # threshold is found and most of what it allows is served, not explored.
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        score, right = _monotone_stream(rng, 8000)
+        cal = Calibration(VERIFIER_GRID)
+        served = wrong = explored = 0
+        for s, ok in zip(score, right, strict=True):
+            decision = cal.decide(float(s), delta)
+            if decision.action == "serve":
+                served += 1
+                wrong += not ok
+            else:
+                explored += decision.action == "explore"
+                cal.add(float(s), bool(ok), explored=decision.action == "explore")
+        assert served > 300, (seed, served)
+        assert wrong / served <= delta, (seed, wrong, served)
+        assert explored < served / 3
 
 
 def test_nothing_is_served_before_there_is_evidence():
@@ -104,9 +166,10 @@ def test_never_serves_where_the_upper_bound_exceeds_delta():
             counts[i] = (lookups, n, int(rng.binomial(n, rng.uniform(0, 0.1))))
         cal = _calibration_with(counts, method=str(rng.choice(["stratified", "pooled"])))
         delta = float(rng.choice([0.01, 0.02, 0.05]))
-        uppers, _ = cal.region_bounds()
         for score in rng.uniform(0.4, 1.0, 20):
             decision = cal.decide(float(score), delta)
+            # The bounds in force for that decision (its lookup is counted).
+            uppers, _ = cal.region_bounds()
             if decision.action in ("serve", "explore"):
                 assert decision.upper <= delta
                 assert score >= decision.threshold
@@ -118,20 +181,22 @@ def test_never_serves_where_the_upper_bound_exceeds_delta():
                 assert decision.threshold is not None or all(u > delta for u in uppers)
 
 
-def test_bound_is_at_the_bonferroni_level_and_weighs_bins_by_traffic():
-    # The top bin [0.95, 1] is well verified; the one below has traffic and no verdicts.
-    assert VERIFIER_GRID[-2:] == (0.9, 0.95)
-    cal = _calibration_with({3: (500, 0, 0), 4: (1000, 1000, 3)})
+def test_stratified_bound_is_at_the_bonferroni_level_and_weighs_bins_by_traffic():
+    # The top bin [0.99, 1] is well verified; the one below has traffic and no verdicts.
+    top = len(VERIFIER_GRID) - 1
+    cal = _calibration_with(
+        {top - 1: (500, 0, 0), top: (1000, 1000, 3)}, method="stratified", correction="bonferroni"
+    )
     state = cal.summary(0.05)
-    assert state.threshold == 0.95 and state.verdicts == 1000
+    assert state.threshold == VERIFIER_GRID[top] and state.verdicts == 1000
     alpha = 0.05 / len(VERIFIER_GRID)
     assert state.upper == pytest.approx(clopper_pearson_upper(3, 1000, alpha))
     assert state.upper > clopper_pearson_upper(3, 1000, 0.05)
-    # Unverified traffic counts as wrong: serving from 0.9 would be a third wrong.
+    # Unverified traffic counts as wrong: serving from the bin below would be a third wrong.
     uppers, _ = cal.region_bounds()
-    assert uppers[3] == pytest.approx((500 + 1000 * state.upper) / 1500)
+    assert uppers[top - 1] == pytest.approx((500 + 1000 * state.upper) / 1500)
     # Bins without traffic weigh nothing.
-    assert uppers[0] == pytest.approx(uppers[3])
+    assert uppers[0] == pytest.approx(uppers[top - 1])
 
 
 def test_exploration_shrinks_as_verdicts_accumulate():
@@ -153,15 +218,20 @@ def test_exploration_shrinks_as_verdicts_accumulate():
     assert explored_per_window[0] > explored_per_window[1] > explored_per_window[3] > 0
 
 
-def test_wrong_verdicts_stop_serving():
-    # Below 0.9 there is traffic but no verdicts: nothing there may be served.
-    cal = _calibration_with({2: (100, 0, 0), 3: (2000, 2000, 0), 4: (2000, 2000, 0)})
+@pytest.mark.parametrize("method", ["pooled", "stratified"])
+def test_wrong_verdicts_stop_serving(method):
+    i90, i95 = VERIFIER_GRID.index(0.9), VERIFIER_GRID.index(0.95)
+    # Below 0.9 most candidates are wrong: nothing there may be served.
+    cal = _calibration_with(
+        {i90 - 1: (100, 100, 60), i90: (2000, 2000, 0), i95: (2000, 2000, 0)}, method=method
+    )
     assert cal.summary(0.01).threshold == 0.9
     for _ in range(100):
-        cal.add(0.92, False)
-    assert cal.summary(0.01).threshold == 0.95
+        cal.add(0.91, False)
+    # [0.925, 0.95) is empty: from 0.925 up only the right verdicts at 0.95+ count.
+    assert cal.summary(0.01).threshold == VERIFIER_GRID[i95 - 1] == 0.925
     for _ in range(100):
-        cal.add(0.97, False)
+        cal.add(0.96, False)
     assert cal.summary(0.01).threshold is None
     assert cal.decide(0.999, 0.01).action == "miss"
 

@@ -48,9 +48,15 @@ def simulate(
     seed: int | None = typer.Option(
         None, help="shuffle the replay with this seed (default: file order)"
     ),
+    seeds: int = typer.Option(
+        1, help="replay in file order and SEEDS-1 shuffles (seeds 1..); print each and the worst"
+    ),
     every: int = typer.Option(500, help="print a row every this many lookups"),
     method: str = typer.Option(
-        "stratified", help="stratified (the gateway's bound) or pooled (tighter, see docs)"
+        "pooled", help="pooled (the gateway's bound) or stratified (no monotonicity, see docs)"
+    ),
+    split: str = typer.Option(
+        "all", help="all, heldout (every 5th line: unseen by the shipped verifier) or train"
     ),
 ) -> None:
     """Replay labeled pairs as lookups through the online wrong-hit bound, beside
@@ -62,11 +68,15 @@ def simulate(
     except ValueError as exc:
         fail(f"--max-error: {exc}")
     if method not in ("stratified", "pooled"):
-        fail("--method must be stratified or pooled")
-    if start < 0 or (limit is not None and limit <= 0) or every <= 0:
-        fail("--start must be >= 0, --limit and --every > 0")
+        fail("--method must be pooled or stratified")
+    if split not in ("all", "heldout", "train"):
+        fail("--split must be all, heldout or train")
+    if start < 0 or (limit is not None and limit <= 0) or every <= 0 or seeds <= 0:
+        fail("--start must be >= 0, --limit, --every and --seeds > 0")
     try:
-        stream = sim.load_stream(str(path), get_settings().cache, start=start, limit=limit)
+        stream = sim.load_stream(
+            str(path), get_settings().cache, start=start, limit=limit, split=split
+        )
     except (ValueError, KeyError) as exc:
         fail(f"{path}: {exc}")
     if len(stream.same) == 0:
@@ -74,6 +84,16 @@ def simulate(
     print(
         sim.format_report(sim.simulate(stream, delta, seed=seed, every=every, method=method), seed)
     )
+    if seeds > 1:
+        # The file order (or --seed) above, then shuffles 1 .. seeds-1.
+        runs = [(seed, sim.simulate(stream, delta, seed=seed, every=every, method=method))]
+        runs += [
+            (s, sim.simulate(stream, delta, seed=s, every=every, method=method))
+            for s in range(1, seeds)
+            if s != seed
+        ]
+        print(f"\nover {len(runs)} replay orders:")
+        print(sim.format_summary(runs))
 
 
 @cache_app.command("purge")
