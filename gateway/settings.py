@@ -63,7 +63,9 @@ class SloTarget(BaseModel):
     # Climb while latency is below this fraction of the bound.
     headroom: float = Field(default=0.85, gt=0, lt=1)
     # New lines started at once: batch prefills arriving together stall decoding.
-    admit_burst: int = Field(default=4, ge=1)
+    # 1 spreads them over the GPU's steps; on the H200 that was most of the
+    # loop's margin over a fixed concurrency (docs/fleet.md, GPU section).
+    admit_burst: int = Field(default=1, ge=1)
 
     @model_validator(mode="after")
     def _stated(self) -> SloTarget:

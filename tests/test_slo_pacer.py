@@ -16,7 +16,7 @@ from backends.pool import ReplicaPool
 from backends.vllm_metrics import Histogram, VllmMetrics, parse_vllm_metrics
 from gateway.settings import SloTarget, WorkerSettings
 from workers.batch_runner import BatchRunner
-from workers.slo_pacer import AimdLimit, PoolWindow, Reading, SloPacer, pacer_for
+from workers.slo_pacer import TAIL_EXCESS, AimdLimit, PoolWindow, Reading, SloPacer, pacer_for
 
 BUCKETS = (0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0)
 
@@ -272,3 +272,16 @@ def test_batch_runner_uses_the_loop_only_under_an_slo() -> None:
         owner="test",
     )
     assert plain._concurrency("tiny") == WorkerSettings().backfill_busy_concurrency
+
+
+def test_ratio_pressure_weighs_the_typical_excess_for_the_p99_request() -> None:
+    # The reading is a typical request's latency; the p99 request meets more
+    # batch prefills, so a reading at 60 % of the allowed excess is already
+    # TAIL_EXCESS x 60 % of it for the p99 request, and the loop must not climb.
+    pacer = SloPacer(SloTarget(ratio=1.5, baseline_ttft_ms=40, baseline_tpot_ms=5.0))
+    unloaded = 0.040 + 128 * 0.005
+    tpot = (unloaded * 1.3 - 0.040) / 128  # 30 % over: 60 % of the 50 % allowed
+    reading = Reading(ttft_p99=0.040, tpot=tpot, busy=True, own=8)
+    assert pacer.pressure(reading) == pytest.approx(TAIL_EXCESS * 0.6)
+    pacer.aimd.limit = 8
+    assert pacer.observe(reading) <= 8
