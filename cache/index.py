@@ -6,6 +6,12 @@ was asked about. Namespaces are usually small (one tenant × model × system
 prompt × parameter set), so exact inner-product search (``IndexFlatIP``) is
 both the fastest and the simplest choice.
 
+A namespace that grows past ``_GPU_MIN_ROWS`` moves to the GPU when there is
+one: FAISS's GPU index where FAISS was built with it, otherwise the same exact
+inner product as a matrix product on the GPU through torch (the embedder's own
+runtime there), since an exact search of 100,000 rows costs milliseconds of
+CPU per lookup and microseconds on a GPU.
+
 Removal (TTL, eviction, purge) is rare compared with search and would cost a
 full copy in a flat index, so removed rows become tombstones that searches
 skip, and a namespace is compacted once a quarter of it is dead.
@@ -27,6 +33,55 @@ def gpu_available() -> bool:
     return bool(get_num_gpus and hasattr(faiss, "StandardGpuResources") and get_num_gpus() > 0)
 
 
+def torch_gpu_available() -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch comes with sentence-transformers
+        return False
+    return bool(torch.cuda.is_available())
+
+
+class TorchFlatIP:
+    """Exact inner-product search as one matrix product on a torch device: the
+    part of FAISS's flat index the cache uses (``add``, ``search``, ``ntotal``)."""
+
+    def __init__(self, dim: int, device: str = "cuda", capacity: int = 1024) -> None:
+        import torch
+
+        self._torch = torch
+        self.dim = dim
+        self.device = device
+        self._matrix = torch.empty((capacity, dim), dtype=torch.float32, device=device)
+        self.ntotal = 0
+
+    def add(self, rows: np.ndarray) -> None:
+        torch = self._torch
+        block = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).to(self.device)
+        need = self.ntotal + block.shape[0]
+        if need > self._matrix.shape[0]:
+            grown = torch.empty(
+                (max(need, 2 * self._matrix.shape[0]), self.dim),
+                dtype=torch.float32,
+                device=self.device,
+            )
+            grown[: self.ntotal] = self._matrix[: self.ntotal]
+            self._matrix = grown
+        self._matrix[self.ntotal : need] = block
+        self.ntotal = need
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        torch = self._torch
+        k = min(k, self.ntotal)
+        if k <= 0:
+            n = queries.shape[0]
+            return np.zeros((n, 0), dtype=np.float32), np.zeros((n, 0), dtype=np.int64)
+        with torch.inference_mode():
+            q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device)
+            scores = q @ self._matrix[: self.ntotal].T
+            top = torch.topk(scores, k, dim=1)
+            return top.values.cpu().numpy(), top.indices.cpu().numpy()
+
+
 @dataclass
 class _NamespaceIndex:
     index: Any
@@ -41,10 +96,19 @@ class _NamespaceIndex:
 
 
 class SemanticIndex:
-    def __init__(self, dim: int, use_gpu: bool = False) -> None:
+    def __init__(self, dim: int, use_gpu: bool = False, gpu_backend: str | None = None) -> None:
         self.dim = dim
-        self._use_gpu = use_gpu and gpu_available()
-        self._gpu_resources: Any = faiss.StandardGpuResources() if self._use_gpu else None
+        # "faiss" (FAISS built with GPU support), "torch" (a CUDA device, CPU
+        # FAISS), or None; `gpu_backend` forces one (tests run "torch" on CPU).
+        if gpu_backend is None and use_gpu:
+            if gpu_available():
+                gpu_backend = "faiss"
+            elif torch_gpu_available():
+                gpu_backend = "torch"
+        self._backend = gpu_backend
+        self._use_gpu = gpu_backend is not None
+        self._torch_device = "cuda" if torch_gpu_available() else "cpu"
+        self._gpu_resources: Any = faiss.StandardGpuResources() if gpu_backend == "faiss" else None
         self._spaces: dict[str, _NamespaceIndex] = {}
         self._where: dict[str, tuple[str, int]] = {}  # entry id → (namespace, row)
 
@@ -58,6 +122,8 @@ class SemanticIndex:
     def _new_space(self, rows: int) -> _NamespaceIndex:
         index = faiss.IndexFlatIP(self.dim)
         if self._use_gpu and rows >= _GPU_MIN_ROWS:
+            if self._backend == "torch":
+                return _NamespaceIndex(TorchFlatIP(self.dim, self._torch_device), on_gpu=True)
             return _NamespaceIndex(
                 faiss.index_cpu_to_gpu(self._gpu_resources, 0, index), on_gpu=True
             )

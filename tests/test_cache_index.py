@@ -1,6 +1,7 @@
 """FAISS index per namespace: isolation, removal and compaction."""
 
 import numpy as np
+import pytest
 
 from cache.index import SemanticIndex
 
@@ -46,3 +47,29 @@ def test_last_entry_removed_drops_namespace() -> None:
     index.add("ns", "e", unit(0))
     index.remove("e")
     assert index.namespaces == 0
+
+
+def test_torch_backend_finds_what_faiss_finds(monkeypatch) -> None:
+    """A namespace past the GPU size moves to the torch matrix-product index
+    (run on the CPU here); its answers equal FAISS's flat index, removals and
+    compaction included."""
+    import cache.index as index_module
+
+    monkeypatch.setattr(index_module, "_GPU_MIN_ROWS", 64)
+    rng = np.random.default_rng(7)
+    vectors = rng.normal(size=(300, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    on_torch = SemanticIndex(16, gpu_backend="torch")
+    on_faiss = SemanticIndex(16)
+    for i, v in enumerate(vectors):
+        on_torch.add("ns", f"e{i}", v)
+        on_faiss.add("ns", f"e{i}", v)
+    for i in range(0, 300, 7):  # tombstones, then a compaction
+        on_torch.remove(f"e{i}")
+        on_faiss.remove(f"e{i}")
+    assert isinstance(on_torch._spaces["ns"].index, index_module.TorchFlatIP)
+    for q in vectors[:40]:
+        got = on_torch.search("ns", q, 5, 0.0)
+        want = on_faiss.search("ns", q, 5, 0.0)
+        assert [e for e, _ in got] == [e for e, _ in want]
+        assert [s for _, s in got] == pytest.approx([s for _, s in want], abs=1e-5)
