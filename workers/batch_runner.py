@@ -4,6 +4,9 @@ time, each answer stored with its line's state in one transaction.
 One run handles at most `batch_chunk_lines` lines and then asks for a fresh
 task, so a long batch is a chain of short tasks: a worker killed at any point
 loses only its in-flight lines' work, whose claims run out and are retaken.
+The fresh task is asked for as soon as the last line of the chunk is claimed,
+not after the chunk's lines have drained: otherwise the backend would see the
+batch's concurrency fall to zero at every chunk boundary.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from datetime import UTC
 from typing import Any
 
@@ -32,9 +36,14 @@ STATUS_EVERY_S = 0.5
 
 
 class BatchRunner:
-    def __init__(self, rt: Runtime, owner: str) -> None:
+    def __init__(
+        self, rt: Runtime, owner: str, hand_over: Callable[[], None] | None = None
+    ) -> None:
         self.rt = rt
         self.owner = owner
+        # Starts the next run of the batch now (another worker process takes
+        # it) while this one finishes its in-flight lines.
+        self.hand_over = hand_over
         self.cfg = rt.settings.workers
         self._busy_until = 0.0
 
@@ -67,6 +76,7 @@ class BatchRunner:
         endpoint = BATCH_URLS[batch.endpoint]
         in_flight: set[asyncio.Task[None]] = set()
         started = 0
+        handed_over = False
         stop: str | None = None  # cancelled | expired, once seen
         status, checked = batch.status, time.monotonic()
         while True:
@@ -100,6 +110,9 @@ class BatchRunner:
                 task = asyncio.create_task(self._line(batch, endpoint, caller, line))
                 in_flight.add(task)
             started += len(lines)
+            if lines and started >= self.cfg.batch_chunk_lines and self.hand_over is not None:
+                self.hand_over()
+                handed_over = True
             if not in_flight:
                 break
             done, _ = await asyncio.wait(
@@ -117,7 +130,8 @@ class BatchRunner:
             log.info("batch %s %s", batch.id, stop)
             return None
         if started >= self.cfg.batch_chunk_lines:
-            return 0.0  # the next chunk, in a fresh task
+            # The next chunk, in a fresh task (already running if handed over).
+            return None if handed_over else 0.0
         wait = await self._db(batch_store.pending_claim_ends, engine, batch.id)
         if wait is not None:
             # Lines still pending under another run's claim: look again when

@@ -25,9 +25,13 @@ def run_job(job_id: str) -> None:
 
 @app.task(name=RUN_BATCH)
 def run_batch(batch_id: str) -> None:
+    def hand_over() -> None:
+        app.send_task(RUN_BATCH, args=[batch_id])
+
     async def go() -> float | None:
         # A fresh owner per run: claims of a run that died are not this run's.
-        return await BatchRunner(await runtime(), owner=secrets.token_hex(8)).run(batch_id)
+        runner = BatchRunner(await runtime(), owner=secrets.token_hex(8), hand_over=hand_over)
+        return await runner.run(batch_id)
 
     again_in = run(go())
     if again_in is not None:
