@@ -345,8 +345,10 @@ class QueueDepthPoller:
         while True:
             try:
                 await self.refresh()
-            except Exception:  # keep polling; the gauge keeps its last value
-                log.warning("queue depth poll failed", exc_info=True)
+            except Exception as exc:  # keep polling; the gauge keeps its last value
+                # One line, no traceback: while the database is down this
+                # repeats every poll, and /ready already says why.
+                log.warning("queue depth poll failed: %s", type(exc).__name__)
             await asyncio.sleep(self.interval)
 
     async def close(self) -> None:

@@ -12,7 +12,7 @@ import logging
 import os
 from typing import Any
 
-from celery import Celery
+from celery import Celery, bootsteps
 from celery.signals import (
     celeryd_init,
     setup_logging,
@@ -110,6 +110,34 @@ def _recover(**_: Any) -> None:
         log.info("re-queued %d batches and %d jobs", len(batches), len(jobs))
     # The forked pool processes must not share this process's connections.
     engine.dispose()
+
+
+class _SweepOnReconnect(bootsteps.StartStopStep):
+    """Runs the start-up sweep again each time the worker's consumer reconnects.
+
+    A broker that dies loses the messages it held (a Redis without persistence
+    loses them all): jobs accepted before the outage would wait in the database
+    with nobody told to run them. Their rows say they are unfinished, so the
+    sweep that runs at start-up finds and re-queues them; runs settle in the
+    database, so a job whose message did survive runs once all the same."""
+
+    requires = {"celery.worker.consumer.tasks:Tasks"}
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.starts = 0
+
+    def start(self, parent: Any) -> None:
+        self.starts += 1
+        if self.starts > 1:  # the first start is worker_ready's
+            log.warning("consumer reconnected to the broker: sweeping unfinished work")
+            try:
+                _recover()
+            except Exception:  # the database may be down too: the next reconnect retries
+                log.exception("sweep after reconnect failed")
+
+
+app.steps["consumer"].add(_SweepOnReconnect)
 
 
 @worker_process_init.connect
