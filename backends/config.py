@@ -54,8 +54,11 @@ class BackendSettings(BaseModel):
     discovered_hold_seconds: float = 10.0
     connect_timeout: float = 5.0
     read_timeout: float = 300.0
-    # Retries on another replica for failures that happened before any byte of
-    # the answer reached the client.
+    # Retries on another replica: after an error status (5xx, 429), or when the
+    # connection could not be made (refused, connect timeout). Never after a
+    # failure that may follow a written request (reset, closed, timed out,
+    # stream broken): the replica may be generating, and a second one would
+    # run the same request twice.
     max_retries: int = 2
     health_interval: float = 5.0
     breaker_failures: int = 3
@@ -72,12 +75,15 @@ class BackendSettings(BaseModel):
     overflow_waiting: float = 32.0
     # Connection pool size of the shared client (streams hold a connection each).
     max_connections: int = 4096
-    # What carries the shared httpx client's requests: httpcore (httpx's own) or
-    # aiohttp's connection pool, which gave about 2.5x the throughput on a small
-    # CPU, where httpcore's per-request pool scan dominated the profile. httpcore
-    # stays the default while the aiohttp transport has less mileage here (it maps
-    # aiohttp's errors onto httpx's, and retry safety depends on that mapping).
-    http_engine: Literal["aiohttp", "httpcore"] = "httpcore"
+    # What carries requests to replicas: aiohttp's connection pool, used
+    # directly (the default: about 3x httpcore's requests/s on a small CPU,
+    # where httpcore's per-request pool scan dominated the profile), or httpx
+    # on httpcore. Probes, metrics and discovery use httpx either way. Both
+    # engines retry on another replica only when the connection was never
+    # made (refused, connect timeout); see backends/upstream.py.
+    # `native` (backends/native_http.py) is the project's own HTTP/1.1 client
+    # for exactly this kind of request, the fastest of the three, opt-in.
+    http_engine: Literal["aiohttp", "httpcore", "native"] = "aiohttp"
     # Idle connections are dropped after this long: below the 5 s keep-alive of
     # uvicorn-based servers (vLLM's included), so the client never reuses a
     # connection at the moment the server closes it.

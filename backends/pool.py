@@ -1,9 +1,16 @@
 """The replica pool: every upstream the gateway may send a model's requests to.
 
-It owns the one shared HTTP client, keeps replica health and vLLM load fresh in
-background loops, and turns a request into at most ``max_retries + 1``
-attempts on different replicas, falling back to a hosted provider when the
-model's configuration allows it.
+It owns the shared HTTP clients (httpx for probes, the configured engine of
+backends/upstream.py or backends/native_http.py for requests), keeps replica
+health and vLLM load fresh in background loops, and turns a request into at
+most ``max_retries + 1`` attempts on different replicas, falling back to a
+hosted provider when the model's configuration allows it.
+
+A failed attempt is retried elsewhere only when the replica said it did not do
+the work (an error status), never got the request (the connection could not
+be made), or is gone (it refuses connections right after dropping one). A
+reset, a close, a timeout or a broken stream after the request was written is
+otherwise answered to the client (502/504): the replica may be generating.
 """
 
 from __future__ import annotations
@@ -15,10 +22,10 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import orjson
-from httpx_aiohttp import AiohttpTransport
 
 from backends.breaker import CircuitBreaker
 from backends.capabilities import HOSTED, fetch_capabilities
@@ -33,9 +40,19 @@ from backends.errors import (
     error_from_upstream,
 )
 from backends.hosted import HOSTED_PREFIX, HostedProvider, Target, choose_target
+from backends.native_http import NativeEngine
 from backends.replica import Replica, root_url
 from backends.routing import affinity_hash, pick_replica
-from backends.upstream import SseReader, UpstreamResponse, UpstreamStream
+from backends.upstream import (
+    AiohttpEngine,
+    HttpxEngine,
+    PoolExhausted,
+    RequestBroken,
+    RequestNotSent,
+    SseReader,
+    UpstreamResponse,
+    UpstreamStream,
+)
 from backends.vllm_metrics import parse_vllm_metrics
 
 __all__ = ["ReplicaPool", "UpstreamResponse", "UpstreamStream"]
@@ -88,7 +105,16 @@ class ReplicaPool:
             connect=settings.connect_timeout,
         )
         self._owns_client = client is None
+        # Probes, metrics and discovery always go through httpx; requests go
+        # through the engine (a given client, e.g. a test's mock, carries both).
         self._client = client if client is not None else self._make_client()
+        self._engine: HttpxEngine | AiohttpEngine | NativeEngine
+        if client is None and settings.http_engine == "aiohttp":
+            self._engine = AiohttpEngine(settings.max_connections, settings.keepalive_expiry)
+        elif client is None and settings.http_engine == "native":
+            self._engine = NativeEngine(settings.max_connections, settings.keepalive_expiry)
+        else:
+            self._engine = HttpxEngine(self._client)
         self.hosted = HostedProvider()
         self._entries: dict[str, _ModelEntry] = {}
         self._names: dict[str, str] = {}  # public name or alias -> canonical name
@@ -113,11 +139,6 @@ class ReplicaPool:
             max_keepalive_connections=self.settings.max_connections,
             keepalive_expiry=self.settings.keepalive_expiry,
         )
-        if self.settings.http_engine == "aiohttp":
-            # Still one httpx client: same API, timeouts and exceptions (the
-            # transport maps aiohttp's onto httpx's), a faster engine under it.
-            transport = AiohttpTransport(limits=limits, trust_env=False)
-            return httpx.AsyncClient(timeout=self._timeout, transport=transport, trust_env=False)
         return httpx.AsyncClient(timeout=self._timeout, limits=limits, trust_env=False)
 
     # ---------------------------------------------------------------- lifecycle
@@ -147,6 +168,8 @@ class ReplicaPool:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks = []
         if self._owns_client:
+            if not isinstance(self._engine, HttpxEngine):
+                await self._engine.aclose()
             await self._client.aclose()
         self._started = False
 
@@ -570,10 +593,11 @@ class ReplicaPool:
         metrics = replica.fresh_metrics(time.monotonic(), self.settings.metrics_stale_seconds)
         return metrics.waiting if metrics is not None else None
 
-    def _request_timeout(self, timeout: float | None) -> httpx.Timeout:
+    def _request_timeout(self, timeout: float | None) -> tuple[float, float]:
+        """(connect, read) seconds for one upstream request."""
         if timeout is None:
-            return self._timeout
-        return httpx.Timeout(timeout, connect=min(self.settings.connect_timeout, timeout))
+            return self.settings.connect_timeout, self.settings.read_timeout
+        return min(self.settings.connect_timeout, timeout), timeout
 
     async def _hosted(
         self,
@@ -604,18 +628,73 @@ class ReplicaPool:
             return None
         return decoded if isinstance(decoded, dict) else None
 
-    def _transport_failure(self, replica: Replica, exc: Exception) -> UpstreamError:
-        """The error for a connection that failed before any answer byte arrived."""
-        if isinstance(exc, httpx.ConnectError):
+    def _not_sent(self, replica: Replica, exc: RequestNotSent) -> _Retryable:
+        """No connection was made: another replica may answer instead."""
+        if exc.refused:
             # Refused or unroutable: the server is gone, so stop routing to it
             # now instead of after breaker_failures more lost attempts.
             self._set_health(replica, False)
-            return UpstreamError(
-                f"Could not connect to {replica.url}.", status=502, replica=replica.id
+            message = f"Could not connect to {replica.url}."
+        else:
+            message = exc.message
+        return _Retryable(UpstreamError(message, status=502, replica=replica.id))
+
+    async def _broken(self, replica: Replica, exc: Exception) -> Exception:
+        """A request that may have reached the replica failed without an answer.
+
+        It may be generating there, so another replica would run it twice: the
+        client gets the 502. Unless nothing listens at the replica's address
+        any more (a connection to it is refused right now): then the process
+        that had the request is gone, and so is its generation (a killed or
+        crashed server; a graceful stop finishes its requests before it closes
+        them), and another replica may run it instead."""
+        message = getattr(exc, "message", None) or str(exc)
+        if await self._refuses_connections(replica):
+            self._set_health(replica, False)
+            log.warning("replica %s went away during a request: retrying it", replica.url)
+            return _Retryable(
+                UpstreamError(
+                    f"{replica.url} went away during the request.", status=502, replica=replica.id
+                )
             )
-        return UpstreamError(
-            f"Upstream {replica.url} failed: {exc!r}", status=502, replica=replica.id
-        )
+        return UpstreamError(message, status=502, replica=replica.id)
+
+    async def _refuses_connections(self, replica: Replica, window: float = 1.5) -> bool:
+        """True only when a TCP connect to the replica's address is refused
+        within `window` seconds, before anything there answers HTTP.
+
+        A killed server's listening socket can outlive its connections for a
+        moment (a forked child that inherited it is still exiting), so one
+        accepted connect proves nothing: the probe asks `GET /health` and
+        looks again until something answers (alive: False), a connect is
+        refused (gone: True) or the window ends (unknown: False)."""
+        parts = urlsplit(replica.root)
+        tls = parts.scheme == "https"
+        port = parts.port or (443 if tls else 80)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + window
+        while True:
+            try:
+                async with asyncio.timeout(0.25):
+                    reader, writer = await asyncio.open_connection(parts.hostname, port)
+            except ConnectionRefusedError:
+                return True
+            except (OSError, TimeoutError):
+                return False  # unreachable or slow to accept: nothing proven
+            try:
+                if tls:
+                    return False  # a plain probe means nothing to a TLS server
+                writer.write(b"GET /health HTTP/1.1\r\nhost: probe\r\nconnection: close\r\n\r\n")
+                async with asyncio.timeout(0.25):
+                    if await reader.read(1):
+                        return False  # something answered: the server is alive
+            except (OSError, TimeoutError):
+                pass
+            finally:
+                writer.close()
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.1)
 
     def _error_for_status(
         self, replica: Replica, status: int, content: bytes
@@ -645,7 +724,7 @@ class ReplicaPool:
         path: str,
         body: dict[str, Any],
         priority: int | None,
-        timeout: httpx.Timeout,
+        timeout: tuple[float, float],
         *,
         at_root: bool = False,
         raw: tuple[bytes, str] | None = None,
@@ -660,25 +739,21 @@ class ReplicaPool:
         verdict: bool | None = None  # None: no verdict (cancelled), frees a half-open probe
         try:
             try:
-                response = await self._client.post(
-                    base + path, content=content, headers=headers, timeout=timeout
-                )
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                response = await self._engine.post(base + path, content, headers, *timeout)
+            except RequestNotSent as exc:
                 verdict = False
-                raise _Retryable(self._transport_failure(replica, exc)) from exc
-            except httpx.PoolTimeout as exc:
-                raise UpstreamTimeout("No upstream connection became free in time.") from exc
-            except httpx.TimeoutException as exc:
+                raise self._not_sent(replica, exc) from exc
+            except PoolExhausted as exc:
+                raise UpstreamTimeout(str(exc)) from exc
+            except UpstreamTimeout:
                 # The generation may still be running: another replica would
                 # double the work and the wait, so this is the client's answer.
                 verdict = False
-                raise UpstreamTimeout(f"Upstream {replica.url} timed out.") from exc
-            except httpx.TransportError as exc:
-                # Reset or closed before a complete answer arrived: nothing was
-                # forwarded yet, so another replica can answer instead.
+                raise
+            except RequestBroken as exc:
                 verdict = False
-                raise _Retryable(self._transport_failure(replica, exc)) from exc
-            status = response.status_code
+                raise await self._broken(replica, exc) from exc
+            status = response.status
             if status < 400:
                 decoded = self._decode(response.content)
                 if decoded is None:
@@ -687,7 +762,7 @@ class ReplicaPool:
                         "Upstream answered with invalid JSON.", status=502, replica=replica.id
                     )
                 verdict = True
-                return UpstreamResponse(status, decoded, replica.url, dict(response.headers))
+                return UpstreamResponse(status, decoded, replica.url, response.headers)
             error, retry, failed = self._error_for_status(replica, status, response.content)
             verdict = not failed
             if retry:
@@ -703,52 +778,62 @@ class ReplicaPool:
         path: str,
         body: dict[str, Any],
         priority: int | None,
-        timeout: httpx.Timeout,
+        timeout: tuple[float, float],
     ) -> UpstreamStream:
-        request = self._client.build_request(
-            "POST",
-            replica.url + path,
-            content=self._payload(replica, body, priority),
-            headers=replica.headers,
-            timeout=timeout,
-        )
+        content = self._payload(replica, body, priority)
         replica.outstanding += 1
         replica.requests_total += 1
-        response: httpx.Response | None = None
         verdict: bool | None = None
         handed_over = False
+        response = None
         try:
             try:
-                response = await self._client.send(request, stream=True)
-                status = response.status_code
+                response = await self._engine.open(
+                    replica.url + path, content, replica.headers, *timeout
+                )
+                status = response.status
                 if status != 200:
-                    content = await response.aread()
-                    error, retry, failed = self._error_for_status(replica, status, content)
+                    error_content = await response.read()
+                    error, retry, failed = self._error_for_status(replica, status, error_content)
                     verdict = not failed
                     if retry:
                         raise _Retryable(error)
                     raise error
-                reader = SseReader(response.aiter_bytes(), replica.url)
-                # Wait for the first event before answering: until then nothing
-                # reached the client and a broken replica can still be retried.
-                first = await self._first_event(reader, replica)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                reader = SseReader(response.chunks(), replica.url)
+                # Wait for the first event before answering, so a replica that
+                # fails now still gets a plain error status, not a broken stream.
+                # It is not retried: a 200 means the generation has started.
+                first = await reader.next_event()
+                if first is None:
+                    raise UpstreamError(
+                        "Upstream closed the stream before any event.",
+                        status=502,
+                        replica=replica.id,
+                    )
+            except RequestNotSent as exc:
                 verdict = False
-                raise _Retryable(self._transport_failure(replica, exc)) from exc
-            except httpx.PoolTimeout as exc:
-                raise UpstreamTimeout("No upstream connection became free in time.") from exc
-            except httpx.TimeoutException as exc:
+                raise self._not_sent(replica, exc) from exc
+            except PoolExhausted as exc:
+                raise UpstreamTimeout(str(exc)) from exc
+            except UpstreamTimeout:
                 verdict = False
-                raise UpstreamTimeout(f"Upstream {replica.url} timed out.") from exc
-            except httpx.TransportError as exc:
+                raise
+            except UpstreamError as exc:
+                if verdict is not None:  # an error status, already judged
+                    raise
+                verdict = False  # the stream broke before its first event
+                raise await self._broken(replica, exc) from exc
+            except RequestBroken as exc:
                 verdict = False
-                raise _Retryable(self._transport_failure(replica, exc)) from exc
+                raise await self._broken(replica, exc) from exc
             verdict = True
-            stream_response = response
+            opened = response
 
             async def close(ok: bool) -> None:
                 try:
-                    await stream_response.aclose()
+                    # A stream received whole keeps its connection (engines
+                    # check); any other is dropped, which makes vLLM abort.
+                    await opened.close(finished=ok)
                 finally:
                     replica.outstanding -= 1
                     if not ok:
@@ -756,7 +841,7 @@ class ReplicaPool:
                         replica.breaker.record_failure()
 
             stream = UpstreamStream(
-                replica.url, reader.next_event, close, first=first, headers=dict(response.headers)
+                replica.url, reader.next_event, close, first=first, headers=response.headers
             )
             handed_over = True
             return stream
@@ -764,22 +849,8 @@ class ReplicaPool:
             if not handed_over:
                 replica.outstanding -= 1
                 if response is not None:
-                    await response.aclose()
+                    await response.close()
             self._settle(replica, verdict)
-
-    @staticmethod
-    async def _first_event(reader: SseReader, replica: Replica) -> bytes:
-        try:
-            first = await reader.next_event()
-        except UpstreamTimeout:
-            raise
-        except UpstreamError as exc:
-            raise _Retryable(exc) from exc
-        if first is None:
-            raise _Retryable(
-                UpstreamError("Upstream closed the stream before any event.", replica=replica.id)
-            )
-        return first
 
     # -------------------------------------------------------------- reporting
 

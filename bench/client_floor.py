@@ -3,8 +3,8 @@
 A proxied request costs the gateway one server exchange (its client to it) and
 one client exchange (it to the backend). ``gateway_overhead.py`` measures the
 first alone as the framework floor (GET /health); this measures the second
-alone: the same shared client the gateway builds (``ReplicaPool``'s, with the
-chosen engine), posting the benchmark's chat body to the zero-delay upstream
+alone: the same engine the gateway's ``ReplicaPool`` sends requests with
+(``backends.http_engine``), posting the benchmark's chat body to the zero-delay upstream
 from one pinned process, with nothing else in it. Together they bound what one
 gateway process can ever reach on this CPU, before any of its own work::
 
@@ -21,6 +21,8 @@ import asyncio
 import json
 import time
 
+import orjson
+
 from backends.config import BackendSettings
 from backends.pool import ReplicaPool
 
@@ -28,8 +30,9 @@ from backends.pool import ReplicaPool
 async def measure(
     url: str, payload: str, engine: str, concurrency: int, seconds: float
 ) -> dict[str, float]:
-    pool = ReplicaPool(BackendSettings(http_engine=engine))
-    client = pool._make_client()
+    pool = ReplicaPool(BackendSettings(http_engine=engine, discover=[]))
+    client = pool._engine
+    connect, read = pool._request_timeout(None)
     body = payload.encode()
     headers = {"content-type": "application/json"}
     done = 0
@@ -38,9 +41,9 @@ async def measure(
     async def worker() -> None:
         nonlocal done
         while time.perf_counter() < stop_at:
-            response = await client.post(url, content=body, headers=headers)
+            response = await client.post(url, body, headers, connect, read)
             # Read and parse like the gateway does: the body is the answer.
-            json.loads(response.content)
+            orjson.loads(response.content)
             done += 1
 
     try:
@@ -53,7 +56,7 @@ async def measure(
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
     finally:
-        await client.aclose()
+        await pool.close()
     return {"engine": engine, "concurrency": concurrency, "rps": done / elapsed}
 
 
@@ -61,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--url", required=True)
     parser.add_argument("--payload", default=None, help="JSON body (default: the bench chat body)")
-    parser.add_argument("--engine", choices=["httpcore", "aiohttp"], default="httpcore")
+    parser.add_argument("--engine", choices=["httpcore", "aiohttp", "native"], default="aiohttp")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args(argv)

@@ -12,7 +12,12 @@ the gateway gets a CPU of its own and the upstream and wrk share another, so
     python bench/gateway_overhead.py --profile out/  # py-spy the gateway at c=64
 
 Columns: p50/p99 of the whole response (for streams: until [DONE]), added p50
-= via p50 - direct p50, and RPS via/direct.
+= via p50 - direct p50, and RPS via/direct. "gw CPU us/req" is the gateway
+process's own CPU time (all its threads, from /proc) per request served, and
+"req/s per core" = 1e6 / that: what one core would serve with nothing else on
+it. On a shared machine the RPS columns move with whatever else runs on the
+gateway's CPU; the CPU cost per request barely does, so compare that first.
+"gw CPU use" is the gateway's CPU seconds per wall second during the cell.
 """
 
 from __future__ import annotations
@@ -67,9 +72,12 @@ def profile_gateway(pid: int, seconds: int, out: Path) -> str:
             "500",
             "--format",
             "raw",
+            "--threads",
             "--output",
             str(raw),
-            "--nonblocking",
+            # Blocking (the default): each sample pauses the gateway for a
+            # moment, but the stack it reads is whole. --nonblocking read torn
+            # stacks under uvloop and charged idle waits to the awaiting frame.
         ],
         check=True,
         capture_output=True,
@@ -78,11 +86,13 @@ def profile_gateway(pid: int, seconds: int, out: Path) -> str:
 
 
 def summarise_collapsed(text: str, top: int = 25) -> str:
-    """Self time per function and inclusive time per gateway/backends/cache
-    function, from py-spy's collapsed stacks."""
+    """Samples per thread, then self time per function and inclusive time per
+    gateway/backends/cache function on the event loop's thread (py-spy's
+    collapsed stacks recorded with --threads; shares of that thread's samples)."""
+    threads: Counter[str] = Counter()
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
-    total = 0
+    total = main = 0
     for line in text.splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack:
@@ -90,6 +100,12 @@ def summarise_collapsed(text: str, top: int = 25) -> str:
         n = int(count)
         total += n
         frames = stack.split(";")
+        thread = frames[0].split(": ", 1)[-1] if frames[0].startswith("thread ") else "?"
+        threads[thread] += n
+        if thread != "MainThread":
+            continue
+        main += n
+        frames = frames[1:]
         own[_short(frames[-1])] += n
         seen: set[str] = set()
         for frame in frames:
@@ -97,12 +113,15 @@ def summarise_collapsed(text: str, top: int = 25) -> str:
             if any(p in frame for p in ("gateway/", "backends/", "cache/")) and name not in seen:
                 seen.add(name)
                 inclusive[name] += n
-    lines = [f"samples: {total}", "", "self time (top):"]
+    lines = [f"samples: {total}, by thread:"]
+    for name, n in threads.most_common(8):
+        lines.append(f"  {100 * n / total:5.1f}%  {name}")
+    lines += ["", "event loop (MainThread), self time (top):"]
     for name, n in own.most_common(top):
-        lines.append(f"  {100 * n / total:5.1f}%  {name}")
-    lines += ["", "inclusive, project code (top):"]
+        lines.append(f"  {100 * n / max(main, 1):5.1f}%  {name}")
+    lines += ["", "event loop, inclusive, project code (top):"]
     for name, n in inclusive.most_common(top):
-        lines.append(f"  {100 * n / total:5.1f}%  {name}")
+        lines.append(f"  {100 * n / max(main, 1):5.1f}%  {name}")
     return "\n".join(lines)
 
 
@@ -114,6 +133,12 @@ def _short(frame: str) -> str:
     parts = path.split("/")
     tail = "/".join(parts[-2:]) if len(parts) > 1 else path
     return f"{name} ({tail})"
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all threads), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def client_floor(url: str, engine: str, seconds: float, cpus: str | None) -> float:
@@ -139,8 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, default=None, help="write the rows as JSON here")
     parser.add_argument(
         "--http-engine",
-        choices=["httpcore", "aiohttp"],
-        default="httpcore",
+        choices=["httpcore", "aiohttp", "native"],
+        default="aiohttp",
         help="backends.http_engine of the gateway under test",
     )
     args = parser.parse_args(argv)
@@ -173,7 +198,12 @@ def main(argv: list[str] | None = None) -> None:
             for c in (int(x) for x in args.concurrency.split(",")):
                 wrk(via_url, payload, c, args.warmup, gateway.key, load_cpu)
                 direct = wrk(direct_url, payload, c, args.seconds, None, load_cpu)
+                cpu_before, wall_before = cpu_seconds(gateway.proc.popen.pid), time.monotonic()
                 via = wrk(via_url, payload, c, args.seconds, gateway.key, load_cpu)
+                cpu = cpu_seconds(gateway.proc.popen.pid) - cpu_before
+                wall = time.monotonic() - wall_before
+                served = via.requests
+                us_per_req = 1e6 * cpu / served if served else 0.0
                 rec = {
                     "mode": mode,
                     "concurrency": c,
@@ -185,6 +215,9 @@ def main(argv: list[str] | None = None) -> None:
                     "direct_rps": direct.rps,
                     "via_rps": via.rps,
                     "ratio": via.rps / direct.rps if direct.rps else 0.0,
+                    "gw_cpu_us_per_req": round(us_per_req, 1),
+                    "per_core_rps": float(round(1e6 / us_per_req)) if us_per_req else 0.0,
+                    "gw_cpu_use": round(cpu / wall, 2),
                     "errors": direct.errors + via.errors,
                 }
                 records.append(rec)
@@ -227,6 +260,9 @@ def main(argv: list[str] | None = None) -> None:
         "direct RPS",
         "via RPS",
         "via/direct",
+        "gw CPU us/req",
+        "req/s per core",
+        "gw CPU use",
         "errors",
     ]
     print(

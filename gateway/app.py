@@ -12,7 +12,8 @@ from gateway.async_jobs import AsyncJobs
 from gateway.auth import KeyCache
 from gateway.console.router import install as install_console
 from gateway.errors import install_handlers
-from gateway.middleware import RequestIdMiddleware
+from gateway.fastpath import GatewayApp
+from gateway.middleware import AccessLog, RequestIdMiddleware
 from gateway.observability import GatewayMetrics, QueueDepthPoller, configure_logging
 from gateway.resilience.outbox import TaskOutbox
 from gateway.resilience.probes import DependencyProbes, dependency_checks
@@ -116,7 +117,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await runtime.close()
             tasks.close()
 
-    app = FastAPI(
+    app = GatewayApp(
         title="Bearpaw",
         version="0.1.0",
         lifespan=lifespan,
@@ -144,17 +145,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ):
         app.include_router(router)
     install_console(app)
-    app.add_middleware(_LazyRequestId, holder=middleware_metrics)
+    access = AccessLog(middleware_metrics)
+    app.add_middleware(_LazyRequestId, holder=middleware_metrics, access=access)
+    if not settings.opentelemetry:
+        # The hot inference routes skip the framework (gateway/fastpath.py);
+        # with OpenTelemetry on, every request keeps FastAPI's native tracing.
+        app.fast_access = access
     return app
 
 
 class _LazyRequestId(RequestIdMiddleware):
-    """The metrics object exists only after startup; look it up per request."""
+    """The metrics object exists only after startup: the access log looks it up
+    through `holder` per request."""
 
-    def __init__(self, app, holder: list) -> None:  # noqa: ANN001
-        super().__init__(app)
+    def __init__(self, app, holder: list, access: AccessLog) -> None:  # noqa: ANN001
+        super().__init__(app, access=access)
         self._holder = holder
-
-    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
-        self.metrics = self._holder[0]
-        await super().__call__(scope, receive, send)

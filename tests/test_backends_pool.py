@@ -35,7 +35,7 @@ Handler = Callable[[httpx.Request], httpx.Response]
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 # Real-socket failure paths run on both engines under the shared httpx client.
-ENGINES = pytest.mark.parametrize("engine", ["aiohttp", "httpcore"])
+ENGINES = pytest.mark.parametrize("engine", ["aiohttp", "httpcore", "native"])
 
 
 def completion(model: str, text: str = "ok") -> dict[str, Any]:
@@ -183,7 +183,10 @@ async def test_retry_after_connection_refused() -> None:
     assert not gone.healthy and gone.failures_total == 1
 
 
-async def test_retry_after_connection_reset_by_real_socket() -> None:
+async def test_reset_after_the_request_was_read_is_not_retried() -> None:
+    # The server read the whole request before resetting: it may be generating,
+    # so another replica must not run it again (tests/test_retry_safety.py
+    # covers both engines end to end).
     with FaultServer() as broken:
         broken.set_fault("reset")
         upstreams = Upstreams()
@@ -202,9 +205,11 @@ async def test_retry_after_connection_reset_by_real_socket() -> None:
         )
         pool = ReplicaPool(BackendSettings(models=[model], discover=[]), client=client)
         pool._rotation = -1  # first pick starts at the broken replica
-        response = await pool.request("m", "/chat/completions", CHAT)
-        assert response.replica == "http://good/v1"
+        with pytest.raises(UpstreamError) as caught:
+            await pool.request("m", "/chat/completions", CHAT)
+        assert caught.value.status == 502
         assert broken.request_count("/v1/chat/completions") == 1
+        assert upstreams.inference_calls("good") == []
         await client.aclose()
 
 
@@ -290,16 +295,21 @@ async def test_stream_yields_whole_events_and_releases_replica() -> None:
     assert pool.replicas("m")[0].outstanding == 0
 
 
-async def test_stream_retried_when_broken_before_first_event() -> None:
+async def test_stream_broken_before_first_event_is_not_retried() -> None:
+    # A 200 means the replica started generating: a break before the first
+    # event is the client's 502, not a second generation elsewhere.
     upstreams = Upstreams()
     upstreams.handlers["a"] = sse_handler(EVENTS, fail_after=0)
     upstreams.handlers["b"] = sse_handler(EVENTS)
     pool = make_pool(upstreams, ["a", "b"])
     pool._rotation = -1
-    stream = await pool.stream("m", "/chat/completions", CHAT)
-    assert stream.replica == "http://b/v1"
-    assert [event async for event in stream] == EVENTS
+    with pytest.raises(UpstreamError) as caught:
+        await pool.stream("m", "/chat/completions", CHAT)
+    assert caught.value.status == 502
     assert len(upstreams.inference_calls("a")) == 1
+    assert upstreams.inference_calls("b") == []
+    a = pool.replicas("m")[0]
+    assert a.outstanding == 0 and a.failures_total == 1
 
 
 async def test_no_retry_after_first_stream_byte() -> None:

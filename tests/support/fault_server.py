@@ -26,6 +26,9 @@ Faults (``mode``):
                   send the headers and half the body, then close
     close         close the connection right after reading the request
     reset         abort the connection with a TCP RST right after reading the request
+    crash         like a killed process: right after reading the request stop
+                  listening (new connections are refused) and reset every open
+                  connection (``stop()`` still cleans up)
 
 A fault applies to the paths in ``paths`` (default: the two inference paths; ``"*"``
 means every path, /health and /metrics included) for ``times`` requests (None: until
@@ -52,7 +55,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions")
-MODES = ("ok", "status", "hang", "delay", "drop_stream", "close", "reset")
+MODES = ("ok", "status", "hang", "delay", "drop_stream", "close", "reset", "crash")
 _REASONS = {
     200: "OK",
     400: "Bad Request",
@@ -386,6 +389,16 @@ class FaultServer:
             sock = writer.get_extra_info("socket")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             writer.transport.abort()
+            return False
+        if fault.mode == "crash":
+            self._server.close()  # the listening socket goes first: connects are refused
+            for other in list(self._writers):
+                other_sock = other.get_extra_info("socket")
+                if other_sock is not None:
+                    other_sock.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                    )
+                other.transport.abort()
             return False
         if fault.mode == "hang":
             await self._hang(reader)
