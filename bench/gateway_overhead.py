@@ -18,6 +18,14 @@ process's own CPU time (all its threads, from /proc) per request served, and
 it. On a shared machine the RPS columns move with whatever else runs on the
 gateway's CPU; the CPU cost per request barely does, so compare that first.
 "gw CPU use" is the gateway's CPU seconds per wall second during the cell.
+
+Peer column: with the LiteLLM proxy in the bench's own venv
+(``.venv-bench-litellm``, made by ``bash bench/setup_litellm.sh``; never the
+product's environment) the same cells are also run against it, on the same
+CPU as the gateway, in the same run, and a second table prints Bearpaw's
+ratio to it (req/s, and LiteLLM's p99 over Bearpaw's). ``--litellm`` creates
+the venv when missing; ``--no-litellm`` skips the peer; by default it runs when
+the venv exists.
 """
 
 from __future__ import annotations
@@ -35,10 +43,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (  # noqa: E402
+    LITELLM_VENV,
+    LoadResult,
+    Peer,
     free_port,
+    litellm_version,
     markdown_table,
     pinned,
     start_gateway,
+    start_litellm,
     start_upstream,
     wrk,
 )
@@ -168,7 +181,14 @@ def main(argv: list[str] | None = None) -> None:
         default="aiohttp",
         help="backends.http_engine of the gateway under test",
     )
+    parser.add_argument(
+        "--litellm",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="LiteLLM proxy as a peer column (default: when .venv-bench-litellm exists)",
+    )
     args = parser.parse_args(argv)
+    use_peer = args.litellm if args.litellm is not None else LITELLM_VENV.exists()
 
     cpus = os.cpu_count() or 1
     pin = args.pin if args.pin is not None else cpus >= 2
@@ -192,7 +212,14 @@ def main(argv: list[str] | None = None) -> None:
     via_url = gateway.url + "/chat/completions"
     rows: list[list[object]] = []
     records: list[dict[str, object]] = []
+    peer_rows: list[list[object]] = []
+    peer: Peer | None = None
+    peer_version = ""
     try:
+        if use_peer:
+            # Same CPU as the gateway: each is measured while the other idles.
+            peer = start_litellm(f"http://127.0.0.1:{up_port}/v1", cpus=gw_cpu)
+            peer_version = litellm_version(LITELLM_VENV / "bin" / "litellm")
         for mode in args.modes.split(","):
             payload = body(stream=mode == "stream")
             for c in (int(x) for x in args.concurrency.split(",")):
@@ -220,8 +247,12 @@ def main(argv: list[str] | None = None) -> None:
                     "gw_cpu_use": round(cpu / wall, 2),
                     "errors": direct.errors + via.errors,
                 }
+                if peer is not None:
+                    peer_rec = measure_peer(peer, payload, c, args, load_cpu)
+                    rec.update(peer_rec)
+                    peer_rows.append(peer_row(mode, c, via, peer_rec))
                 records.append(rec)
-                rows.append([mode, *list(rec.values())[1:]])
+                rows.append([mode, *list(rec.values())[1:14]])
                 print(json.dumps(rec), flush=True)
         # The framework's own ceiling on this machine, same process and pinning:
         # uvicorn + FastAPI + the request-id/metrics/log middleware, no pipeline.
@@ -247,6 +278,8 @@ def main(argv: list[str] | None = None) -> None:
             (args.profile / "summary.txt").write_text(summary)
             print("\n" + summary)
     finally:
+        if peer is not None:
+            peer.stop()
         gateway.stop()
         upstream.stop()
     headers = [
@@ -282,8 +315,87 @@ def main(argv: list[str] | None = None) -> None:
         f"ceiling of one proxied exchange on this CPU (server floor + client floor, no "
         f"gateway work): {ceiling:,.0f} req/s"
     )
+    if peer is not None:
+        print_peer(peer_rows, records, peer_version)
     if args.json:
         args.json.write_text(json.dumps(records, indent=2))
+
+
+def measure_peer(
+    peer: Peer, payload: str, c: int, args: argparse.Namespace, load_cpu: str | None
+) -> dict[str, object]:
+    """One cell against the LiteLLM proxy: warm-up, then the measured run and
+    its CPU time, as for the gateway."""
+    url = peer.url + "/chat/completions"
+    wrk(url, payload, c, args.warmup, peer.key, load_cpu)
+    pid = peer.proc.popen.pid
+    cpu_before = cpu_seconds(pid)
+    run = wrk(url, payload, c, args.seconds, peer.key, load_cpu)
+    cpu = cpu_seconds(pid) - cpu_before
+    us = 1e6 * cpu / run.requests if run.requests else 0.0
+    return {
+        "litellm_p50_ms": run.p50_ms,
+        "litellm_p99_ms": run.p99_ms,
+        "litellm_rps": run.rps,
+        "litellm_cpu_us_per_req": round(us, 1),
+        "litellm_errors": run.errors,
+    }
+
+
+def peer_row(mode: str, c: int, via: LoadResult, peer: dict[str, object]) -> list[object]:
+    rps = float(peer["litellm_rps"])  # type: ignore[arg-type]
+    p99 = float(peer["litellm_p99_ms"])  # type: ignore[arg-type]
+    return [
+        mode,
+        c,
+        peer["litellm_p50_ms"],
+        p99,
+        rps,
+        peer["litellm_cpu_us_per_req"],
+        peer["litellm_errors"],
+        via.p50_ms,
+        via.p99_ms,
+        via.rps,
+        via.rps / rps if rps else 0.0,
+        p99 / via.p99_ms if via.p99_ms else 0.0,
+    ]
+
+
+def print_peer(rows: list[list[object]], records: list[dict[str, object]], version: str) -> None:
+    headers = [
+        "mode",
+        "conc.",
+        "LiteLLM p50 ms",
+        "LiteLLM p99 ms",
+        "LiteLLM RPS",
+        "LiteLLM CPU us/req",
+        "LiteLLM errors",
+        "Bearpaw p50 ms",
+        "Bearpaw p99 ms",
+        "Bearpaw RPS",
+        "RPS Bearpaw/LiteLLM",
+        "p99 LiteLLM/Bearpaw",
+    ]
+    print(f"\npeer: LiteLLM proxy {version}, same CPU as the gateway, same run\n")
+    print(markdown_table(headers, rows))
+    # The issue's two goals, when their cells ran.
+    for rec in records:
+        if rec["mode"] != "json":
+            continue
+        if rec["concurrency"] == 16:
+            ratio = float(rec["via_rps"]) / float(rec["litellm_rps"] or 1)  # type: ignore[arg-type]
+            verdict = "met" if ratio >= 15 else "NOT met"
+            print(
+                f"goal >= 15x LiteLLM's req/s at c=16 (JSON): {ratio:.1f}x "
+                f"({rec['via_rps']:.0f} vs {rec['litellm_rps']:.0f} req/s): {verdict}"
+            )
+        if rec["concurrency"] == 64:
+            share = float(rec["via_p99_ms"]) / float(rec["litellm_p99_ms"] or 1)  # type: ignore[arg-type]
+            verdict = "met" if share <= 1 / 20 else "NOT met"
+            print(
+                f"goal p99 <= 1/20 of LiteLLM's at c=64 (JSON): 1/{1 / share:.1f} "
+                f"({rec['via_p99_ms']:.0f} vs {rec['litellm_p99_ms']:.0f} ms): {verdict}"
+            )
 
 
 if __name__ == "__main__":

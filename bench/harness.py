@@ -199,6 +199,94 @@ def start_gateway(
     return gateway
 
 
+# ------------------------------------------------------------------- LiteLLM
+
+LITELLM_VENV = ROOT / ".venv-bench-litellm"
+LITELLM_KEY = "sk-bench-litellm-master"
+
+
+@dataclass
+class Peer:
+    """Another gateway started for comparison: its process, base URL and key."""
+
+    proc: Proc
+    url: str  # base URL with /v1
+    key: str
+    log_path: Path
+
+    def stop(self) -> None:
+        self.proc.stop(timeout=20)
+
+
+def ensure_litellm(venv: Path = LITELLM_VENV) -> Path:
+    """The `litellm` executable of the bench's own venv, created by
+    bench/setup_litellm.sh when missing (never the product's environment)."""
+    exe = venv / "bin" / "litellm"
+    if not exe.exists():
+        subprocess.run(
+            ["bash", str(ROOT / "bench" / "setup_litellm.sh")],
+            env={**os.environ, "LITELLM_VENV": str(venv)},
+            check=True,
+        )
+    return exe
+
+
+def litellm_version(exe: Path) -> str:
+    code = "import importlib.metadata as m; print(m.version('litellm'))"
+    python = exe.parent / "python"
+    return subprocess.run(
+        [str(python), "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def start_litellm(
+    upstream_base: str,
+    model: str = "bench",
+    cpus: str | None = None,
+    venv: Path = LITELLM_VENV,
+    ready_timeout: float = 180.0,
+) -> Peer:
+    """The LiteLLM proxy (one uvicorn worker, a master key, no database) in
+    front of `upstream_base`, the same model name as the gateway serves."""
+    exe = ensure_litellm(venv)
+    work = Path(tempfile.mkdtemp(prefix="bearpaw-bench-litellm-"))
+    config = {
+        "model_list": [
+            {
+                "model_name": model,
+                "litellm_params": {
+                    "model": f"openai/{model}",
+                    "api_base": upstream_base,
+                    "api_key": "sk-upstream-unused",
+                },
+            }
+        ],
+        # A master key: requests are authenticated, as the gateway's are.
+        "general_settings": {"master_key": LITELLM_KEY},
+    }
+    (work / "config.yaml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    cmd = [str(exe), "--config", "config.yaml", "--port", str(port), "--num_workers", "1"]
+    log_path = work / "litellm.log"
+    env = {
+        **os.environ,
+        # Offline and quiet: the bundled model price map, no per-request INFO lines.
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+        "LITELLM_LOG": "ERROR",
+    }
+    with log_path.open("wb") as log_file:
+        popen = subprocess.Popen(
+            pinned(cmd, cpus), cwd=work, env=env, stdout=log_file, stderr=subprocess.STDOUT
+        )
+    peer = Peer(Proc(popen, "litellm"), f"http://127.0.0.1:{port}/v1", LITELLM_KEY, log_path)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health/liveliness", timeout=ready_timeout)
+    except Exception:
+        peer.stop()
+        raise RuntimeError("LiteLLM did not start:\n" + log_path.read_text()[-3000:]) from None
+    return peer
+
+
 # ----------------------------------------------------------------------- wrk
 
 WRK_LUA = """
