@@ -27,8 +27,10 @@ class CacheSettings(BaseModel):
     # Micro-batching of embeddings for concurrent lookups. With no wait, a
     # lookup that finds the model idle runs at once, and lookups that arrive
     # while a batch is running form the next batch: batching under load, no
-    # added latency without it.
-    batch_max_size: int = 32
+    # added latency without it. A batch is searched and verified as one too
+    # (one matrix product per namespace, one verifier call), so a large batch
+    # is what lets hundreds of concurrent lookups share the per-call costs.
+    batch_max_size: int = 256
     batch_max_wait_ms: float = 0.0
     # Use a FAISS GPU index when faiss-gpu and a GPU are present.
     use_gpu: bool = True

@@ -19,6 +19,8 @@ skip, and a namespace is compacted once a quarter of it is dead.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,6 +113,11 @@ class SemanticIndex:
         self._gpu_resources: Any = faiss.StandardGpuResources() if gpu_backend == "faiss" else None
         self._spaces: dict[str, _NamespaceIndex] = {}
         self._where: dict[str, tuple[str, int]] = {}  # entry id → (namespace, row)
+        # Batched searches run in the embedder's worker thread while stores and
+        # evictions change the index on the event loop; FAISS and the torch
+        # matrix must not be grown while a search reads them. Re-entrant
+        # because add() removes a replaced entry first.
+        self._lock = threading.RLock()
 
     def __len__(self) -> int:
         return len(self._where)
@@ -130,8 +137,12 @@ class SemanticIndex:
         return _NamespaceIndex(index)
 
     def add(self, namespace: str, entry_id: str, vector: np.ndarray) -> None:
+        with self._lock:
+            self._add(namespace, entry_id, vector)
+
+    def _add(self, namespace: str, entry_id: str, vector: np.ndarray) -> None:
         if entry_id in self._where:
-            self.remove(entry_id)
+            self._remove(entry_id)
         space = self._spaces.get(namespace)
         if space is None:
             space = self._spaces[namespace] = self._new_space(0)
@@ -144,6 +155,10 @@ class SemanticIndex:
             self._compact(namespace, space)  # rebuilds the namespace on the GPU
 
     def remove(self, entry_id: str) -> None:
+        with self._lock:
+            self._remove(entry_id)
+
+    def _remove(self, entry_id: str) -> None:
         located = self._where.pop(entry_id, None)
         if located is None:
             return
@@ -170,30 +185,59 @@ class SemanticIndex:
             self._where[entry_id] = (namespace, row)
 
     def vector(self, entry_id: str) -> np.ndarray | None:
-        located = self._where.get(entry_id)
-        if located is None:
-            return None
-        namespace, row = located
-        return self._spaces[namespace].vectors[row]
+        with self._lock:
+            located = self._where.get(entry_id)
+            if located is None:
+                return None
+            namespace, row = located
+            return self._spaces[namespace].vectors[row]
 
     def search(
         self, namespace: str, query: np.ndarray, k: int, min_similarity: float
     ) -> list[tuple[str, float]]:
         """Up to ``k`` live entries of ``namespace`` with cosine ≥ ``min_similarity``."""
-        space = self._spaces.get(namespace)
-        if space is None:
-            return []
-        # Ask for extra rows so tombstones cannot crowd out live neighbours.
-        want = min(len(space.ids), k + space.dead)
         q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, self.dim)
-        scores, rows = space.index.search(q, want)
-        found: list[tuple[str, float]] = []
-        for score, row in zip(scores[0], rows[0], strict=True):
-            if row < 0 or score < min_similarity:
-                continue
-            entry_id = space.ids[row]
-            if entry_id is not None:
-                found.append((entry_id, float(score)))
-                if len(found) == k:
-                    break
-        return found
+        found = self.search_many([namespace], q, k, min_similarity)[0]
+        return [(entry_id, score) for entry_id, score, _ in found]
+
+    def search_many(
+        self,
+        namespaces: Sequence[str],
+        queries: np.ndarray,
+        k: int,
+        min_similarity: float,
+    ) -> list[list[tuple[str, float, np.ndarray]]]:
+        """``search`` for a batch: query ``i`` (row ``i`` of ``queries``) in
+        ``namespaces[i]``, with each hit's stored vector.
+
+        One index search per namespace present in the batch, so a burst of
+        lookups costs one matrix product (one host/device round trip on a GPU)
+        per namespace instead of one per lookup. Thread-safe against add and
+        remove: it is meant to run off the event loop.
+        """
+        results: list[list[tuple[str, float, np.ndarray]]] = [[] for _ in namespaces]
+        groups: dict[str, list[int]] = {}
+        for i, namespace in enumerate(namespaces):
+            groups.setdefault(namespace, []).append(i)
+        queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        with self._lock:
+            for namespace, members in groups.items():
+                space = self._spaces.get(namespace)
+                if space is None:
+                    continue
+                # Ask for extra rows so tombstones cannot crowd out live neighbours.
+                want = min(len(space.ids), k + space.dead)
+                block = queries[members] if len(members) < len(namespaces) else queries
+                scores, rows = space.index.search(block, want)
+                ids, vectors = space.ids, space.vectors
+                for slot, row_scores, row_ids in zip(members, scores, rows, strict=True):
+                    found = results[slot]
+                    for score, row in zip(row_scores.tolist(), row_ids.tolist(), strict=True):
+                        if row < 0 or score < min_similarity:
+                            continue
+                        entry_id = ids[row]
+                        if entry_id is not None:
+                            found.append((entry_id, score, vectors[row]))
+                            if len(found) == k:
+                                break
+        return results

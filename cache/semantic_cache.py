@@ -24,6 +24,7 @@ from cache.bound import COSINE_GRID, VERIFIER_GRID, Decision
 from cache.calibration import CalibrationBook, scorer_name
 from cache.config import CacheSettings
 from cache.embedder import BatchEmbedder, Embedder
+from cache.features import TextInfo
 from cache.index import SemanticIndex
 from cache.judge import answers_match, is_deterministic
 from cache.keys import canonical_hash, query_text
@@ -97,6 +98,9 @@ class SemanticCache:
         self._embedder: BatchEmbedder | None = None
         self._verifier: Verifier | None = None
         self._recent: OrderedDict[str, np.ndarray] = OrderedDict()
+        # Each entry's tokenisation for the verifier, computed once when the
+        # entry is remembered instead of on every lookup it is a candidate of.
+        self._infos: dict[str, TextInfo] = {}
         self._touched: dict[str, tuple[float, int]] = {}
         self._stored_at: dict[str, float] = {}
         self._sweeper: asyncio.Task[None] | None = None
@@ -135,7 +139,10 @@ class SemanticCache:
         self._index = SemanticIndex(embedder.dim, use_gpu=self.settings.use_gpu)
         await self._rebuild(embedder)
         self._embedder = BatchEmbedder(
-            embedder, self.settings.batch_max_size, self.settings.batch_max_wait_ms
+            embedder,
+            self.settings.batch_max_size,
+            self.settings.batch_max_wait_ms,
+            after=self._search_batch,
         )
         await self._embedder.start()
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="bearpaw-cache-sweeper")
@@ -256,17 +263,7 @@ class SemanticCache:
         if not query or self._index is None:
             self._counters["misses"] += 1
             return Consultation(None, bound=bound)
-        vector = await self._embed(query)
-        candidates = self._index.search(
-            namespace, vector, self.settings.search_k, self.settings.min_similarity
-        )
-        live = [
-            (eid, sim, entry)
-            for eid, sim in candidates
-            if (entry := self._live_entry(eid, self._clock())) is not None
-            and entry.namespace == namespace
-        ]
-        best = self._best(query, vector, live)
+        best = await self._best(namespace, query)
         if best is None:
             self._counters["misses"] += 1
             return Consultation(None, bound=bound)
@@ -301,21 +298,83 @@ class SemanticCache:
             self._counters["misses"] += 1
         return Consultation(None, candidate, bound.action, bound)
 
-    def _best(
-        self, query: str, vector: np.ndarray, live: list[tuple[str, float, _Entry]]
+    async def _best(
+        self, namespace: str, query: str
     ) -> tuple[str, float, _Entry, float | None] | None:
-        """The most likely paraphrase among the candidates, with its verifier score."""
-        if not live:
-            return None
-        if self._verifier is None:
-            eid, sim, entry = live[0]
-            return eid, sim, entry, None
+        """The most likely paraphrase among the live candidates, with its
+        verifier score. Embedding, search and scoring happen batched with the
+        concurrent lookups, in the embedder's thread (``_search_batch``); only
+        the liveness of the candidates is settled here, on the event loop,
+        which owns the entries."""
+        assert self._embedder is not None
+        known = self._recent.get(query)
+        if known is not None:
+            self._recent.move_to_end(query)
+        vector, found = await self._embedder.embed_and(query, (namespace, query), known)
+        if known is None:
+            self._remember_vector(query, vector)
+        best: tuple[str, float, _Entry, float | None] | None = None
+        for eid, sim, score in found:
+            entry = self._live_entry(eid, self._clock())
+            if entry is None or entry.namespace != namespace:
+                continue
+            if score is None:
+                return eid, sim, entry, None  # no verifier: the nearest live entry
+            # Strictly greater: the first of equal scores wins, as argmax did.
+            if best is None or score > best[3]:  # type: ignore[operator]
+                best = (eid, sim, entry, score)
+        return best
+
+    def _search_batch(
+        self, vectors: np.ndarray, jobs: list[tuple[str, str]]
+    ) -> list[list[tuple[str, float, float | None]]]:
+        """In the embedder's thread, for a batch of lookups (namespace, query):
+        each one's candidates in search order as (entry id, cosine, verifier
+        score or None), from one search per namespace and one verifier call.
+
+        A candidate's score does not depend on the other candidates, so
+        scoring all of them here and dropping dead ones on the loop picks the
+        same best entry as scoring only the live ones."""
         assert self._index is not None
-        cand_vecs = np.vstack([self._index.vector(eid) for eid, _, _ in live])
-        scores = self._verifier.score(vector, query, cand_vecs, [e.query for _, _, e in live])
-        best = int(np.argmax(scores))
-        eid, sim, entry = live[best]
-        return eid, sim, entry, float(scores[best])
+        found = self._index.search_many(
+            [namespace for namespace, _ in jobs],
+            vectors,
+            self.settings.search_k,
+            self.settings.min_similarity,
+        )
+        verifier = self._verifier
+        if verifier is None:
+            return [[(eid, sim, None) for eid, sim, _ in hits] for hits in found]
+        owners: list[int] = []
+        pairs: list[tuple[str, float]] = []
+        query_infos: list[TextInfo] = []
+        cand_infos: list[TextInfo] = []
+        cand_vecs: list[np.ndarray] = []
+        for slot, hits in enumerate(found):
+            if not hits:
+                continue
+            info = TextInfo(jobs[slot][1])
+            for eid, sim, vec in hits:
+                cand = self._infos.get(eid)
+                if cand is None:
+                    entry = self._entries.get(eid)
+                    if entry is None:
+                        continue  # forgotten since the search: not a candidate
+                    cand = TextInfo(entry.query)
+                owners.append(slot)
+                pairs.append((eid, sim))
+                query_infos.append(info)
+                cand_infos.append(cand)
+                cand_vecs.append(vec)
+        results: list[list[tuple[str, float, float | None]]] = [[] for _ in jobs]
+        if not pairs:
+            return results
+        scores = verifier.score_pairs(
+            vectors[owners], query_infos, np.vstack(cand_vecs), cand_infos
+        ).tolist()
+        for slot, (eid, sim), score in zip(owners, pairs, scores, strict=True):
+            results[slot].append((eid, sim, score))
+        return results
 
     def _fixed_threshold(self, operating_point: str) -> float:
         """The fixed operating point's threshold on the candidate's score."""
@@ -378,10 +437,13 @@ class SemanticCache:
             return vector
         assert self._embedder is not None
         vector = await self._embedder.embed(query)
+        self._remember_vector(query, vector)
+        return vector
+
+    def _remember_vector(self, query: str, vector: np.ndarray) -> None:
         self._recent[query] = vector
         if len(self._recent) > _RECENT_VECTORS:
             self._recent.popitem(last=False)
-        return vector
 
     # --------------------------------------------------------------------- store
 
@@ -456,6 +518,9 @@ class SemanticCache:
         self._entries[entry_id] = _Entry(namespace, tenant, exact_key, query, response, expires_at)
         self._exact[exact_key] = entry_id
         if vector is not None and self._index is not None:
+            if self._verifier is not None:
+                # Before the index add: a search that finds the entry finds its info.
+                self._infos[entry_id] = TextInfo(query)
             self._index.add(namespace, entry_id, vector)
 
     def _forget(self, entry_id: str) -> _Entry | None:
@@ -466,6 +531,7 @@ class SemanticCache:
             del self._exact[entry.exact_key]
         if self._index is not None:
             self._index.remove(entry_id)
+        self._infos.pop(entry_id, None)
         self._touched.pop(entry_id, None)
         return entry
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.features import TextInfo, pair_features
+from cache.features import TextInfo, pair_feature_matrix, pair_features
 
 DEFAULT_PATH = Path(__file__).resolve().parent / "data" / "verifier.npz"
 
@@ -91,6 +91,22 @@ class Verifier:
             for i in range(len(cand_texts))
         ]
         return self.predict_features(np.vstack(rows))
+
+    def score_pairs(
+        self,
+        query_vecs: np.ndarray,
+        query_infos: list[TextInfo],
+        cand_vecs: np.ndarray,
+        cand_infos: list[TextInfo],
+    ) -> np.ndarray:
+        """Probabilities for many (query, candidate) pairs at once, row ``i``
+        pairing ``query_vecs[i]`` with ``cand_vecs[i]``: what ``score`` gives
+        one pair at a time, in one feature build and one MLP call."""
+        if not cand_infos:
+            return np.zeros(0)
+        return self.predict_features(
+            pair_feature_matrix(query_vecs, cand_vecs, query_infos, cand_infos)
+        )
 
     def threshold(self, operating_point: str) -> float:
         try:
