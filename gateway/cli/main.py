@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from gateway.cli.common import console, engine
+from gateway.cli.common import console, engine, err_console
 from gateway.cli.tenants import keys_app, tenants_app
 from gateway.settings import get_settings
 
@@ -64,6 +64,15 @@ def serve(
 
     settings = get_settings()
     engine()  # migrate before any process starts
+    if processes > 1 and not settings.limits.redis_url:
+        # Each worker would count on its own: a tenant could get N times its
+        # limits, and spend one worker has billed reaches the others only when
+        # their cached sum expires (limits.budget_refresh_s).
+        err_console.print(
+            f"[yellow]warning:[/yellow] --processes {processes} without limits.redis_url: "
+            "rate limits and budget spend are counted per process "
+            "(set limits.redis_url to share them)"
+        )
     # uvicorn re-raises the SIGTERM it drained on; with the default action that
     # would kill this process before the `finally` below stops the worker.
     signal.signal(signal.SIGTERM, _exit_on_signal)

@@ -1,0 +1,219 @@
+"""`bearpaw serve --processes N`: requests/s of N gateway processes against one.
+
+Starts the zero-delay upstream and, one after the other, `bearpaw serve
+--processes 1` and `--processes 2` (the real command: one supervisor, uvicorn
+workers sharing the listening socket) on the same configuration, and drives
+each with `wrk` at the same concurrencies, non-streaming chat, cache off,
+access log on. Nothing is pinned: N processes may use every CPU, and the
+upstream and wrk take their share of the same CPUs in both runs, so the
+ratio is what adding processes buys on this machine.
+
+    python bench/processes.py                          # 1 vs 2, c=16 and 64, 5 s cells
+    python bench/processes.py --shared redis://127.0.0.1:6379/0
+
+`--shared URL` sets `limits.redis_url` and gives the tenant an RPM limit and a
+monthly budget, so every request runs its admission through Redis and its
+spend through Redis's counters: the configuration that keeps processes
+consistent. "CPU us/req" is the CPU time of the whole process tree
+(supervisor and workers, all threads, from /proc) per request served.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import (  # noqa: E402
+    PYTHON,
+    ROOT,
+    LoadResult,
+    create_key,
+    free_port,
+    gateway_config,
+    markdown_table,
+    start_upstream,
+    wait_http,
+    wrk,
+)
+
+BODY = json.dumps(
+    {
+        "model": "bench",
+        "messages": [{"role": "user", "content": "Say hello in five words."}],
+        "max_tokens": 16,
+    }
+)
+
+
+def tree(root: int) -> list[int]:
+    """`root` and every descendant, from /proc (no psutil in the product)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def tree_cpu(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+class Served:
+    """One `bearpaw serve --processes N` and its data directory."""
+
+    def __init__(self, processes: int, models: list[dict], shared: str | None) -> None:
+        self.data_dir = Path(tempfile.mkdtemp(prefix=f"bearpaw-bench-proc{processes}-"))
+        extra: dict = {}
+        fields: dict = {}
+        if shared:
+            extra["limits"] = {"redis_url": shared}
+            # Limits and budget far above what the run can reach: every request
+            # is admitted, but only after counting in Redis.
+            fields = {"rpm_limit": 10_000_000, "monthly_budget_usd": 1e9}
+        config = gateway_config(self.data_dir, models, cache=False, extra=extra)
+        self.key = create_key(self.data_dir, config, **fields)
+        self.port = free_port()
+        script = Path(PYTHON).parent / "bearpaw"  # the installed entry point
+        fallback = [PYTHON, "-c", "from gateway.cli import app; app()"]
+        cmd = [str(script)] if script.exists() else fallback
+        cmd += ["serve", "--no-worker"]
+        cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--processes", str(processes)]
+        self.log_path = self.data_dir / "serve.log"
+        env = {**os.environ, "BEARPAW_CONFIG": str(config), "PYTHONUNBUFFERED": "1"}
+        with self.log_path.open("wb") as log:
+            self.popen = subprocess.Popen(
+                cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        try:
+            wait_http(f"http://127.0.0.1:{self.port}/ready", timeout=180)
+            # /ready answers as soon as one worker is up; give the others time.
+            self._wait_workers(processes)
+        except Exception:
+            self.stop()
+            tail = self.log_path.read_text()[-3000:]
+            raise RuntimeError("serve did not start:\n" + tail) from None
+        self.url = f"http://127.0.0.1:{self.port}/v1/chat/completions"
+
+    def _wait_workers(self, processes: int, timeout: float = 120.0) -> None:
+        # Each worker's lifespan logs "bearpaw ready" (JSON log, this file).
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.log_path.read_text().count('"bearpaw ready"') >= processes:
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"fewer than {processes} workers became ready")
+
+    def stop(self) -> None:
+        pids = tree(self.popen.pid)
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(40)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        for pid in pids[1:]:  # a worker the supervisor left behind
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def measure(served: Served, c: int, seconds: float, warmup: float) -> tuple[LoadResult, float]:
+    wrk(served.url, BODY, c, warmup, served.key)
+    pids = tree(served.popen.pid)
+    before = tree_cpu(pids)
+    run = wrk(served.url, BODY, c, seconds, served.key)
+    cpu = tree_cpu(pids) - before
+    return run, (1e6 * cpu / run.requests if run.requests else 0.0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--processes", default="1,2")
+    parser.add_argument("--concurrency", default="16,64")
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--shared", default=None, help="Redis URL: limits.redis_url")
+    args = parser.parse_args(argv)
+
+    up_port = free_port()
+    upstream = start_upstream(up_port)
+    models = [{"name": "bench", "replicas": [{"url": f"http://127.0.0.1:{up_port}/v1"}]}]
+    counts = [int(x) for x in args.processes.split(",")]
+    conc = [int(x) for x in args.concurrency.split(",")]
+    results: dict[tuple[int, int], tuple[LoadResult, float]] = {}
+    try:
+        for n in counts:
+            served = Served(n, models, args.shared)
+            try:
+                for c in conc:
+                    run, us = measure(served, c, args.seconds, args.warmup)
+                    results[(n, c)] = (run, us)
+                    print(
+                        json.dumps(
+                            {
+                                "processes": n,
+                                "concurrency": c,
+                                "rps": run.rps,
+                                "p50_ms": run.p50_ms,
+                                "p99_ms": run.p99_ms,
+                                "cpu_us_per_req": round(us, 1),
+                                "errors": run.errors,
+                            }
+                        ),
+                        flush=True,
+                    )
+            finally:
+                served.stop()
+    finally:
+        upstream.stop()
+    base = counts[0]
+    rows = []
+    for n in counts:
+        for c in conc:
+            run, us = results[(n, c)]
+            ratio = run.rps / results[(base, c)][0].rps if results[(base, c)][0].rps else 0.0
+            rows.append([n, c, run.p50_ms, run.p99_ms, run.rps, us, ratio, run.errors])
+    headers = ["processes", "conc.", "p50 ms", "p99 ms", "RPS", "CPU us/req", "RPS vs 1", "errors"]
+    state = f"limits.redis_url {args.shared} (RPM limit + budget counted in Redis)"
+    print(
+        f"\n{os.cpu_count()} CPUs, nothing pinned; {args.seconds:.0f}s per cell; JSON chat, "
+        f"cache off, access log on; {state if args.shared else 'in-process counters'}\n"
+    )
+    print(markdown_table(headers, rows))
+    if base == 1 and 2 in counts:
+        for c in conc:
+            ratio = results[(2, c)][0].rps / results[(1, c)][0].rps
+            verdict = "met" if ratio >= 1.7 else "NOT met"
+            print(f"goal 2 processes >= 1.7x one, c={c}: {ratio:.2f}x: {verdict}")
+
+
+if __name__ == "__main__":
+    main()
