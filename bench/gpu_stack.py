@@ -240,10 +240,41 @@ def cmd_cache(a: argparse.Namespace) -> None:
     asyncio.run(cache_bench(a))
 
 
+def synthetic_vectors(entries: int, picks: Any, dim: int) -> tuple[Any, Any]:
+    """Unit vectors shaped like the real embeddings of ``cache_bench``'s
+    questions, for runs where the model must not count (``--embeddings
+    synthetic``): the 48 (aspect, topic) groups of questions are clusters
+    (cosine about 0.85 within one, about 0 across), and a lookup's reworded
+    question lies at cosine about 0.99 from its own entry, so every lookup
+    gets ``search_k`` candidates for the verifier, as with the real model."""
+    import numpy as np
+
+    rng = np.random.default_rng(14)
+    groups = rng.normal(size=(48, dim)).astype(np.float32)
+    groups /= np.linalg.norm(groups, axis=1, keepdims=True)
+    idx = np.arange(entries)
+    noise = rng.normal(size=(entries, dim)).astype(np.float32) / np.sqrt(dim)
+    fill = groups[(idx % 6) + 6 * ((idx // 6) % 8)] + 0.42 * noise
+    fill /= np.linalg.norm(fill, axis=1, keepdims=True)
+    jitter = rng.normal(size=(len(picks), dim)).astype(np.float32) / np.sqrt(dim)
+    looks = fill[picks] + 0.1 * jitter
+    looks /= np.linalg.norm(looks, axis=1, keepdims=True)
+    return fill, looks
+
+
 async def cache_bench(a: argparse.Namespace) -> None:
     """Bulk-fills the cache's table (embeddings computed on the GPU in large
     batches), lets SemanticCache load it as it does at start-up, then measures
-    reworded lookups (embedding + vector search + verifier) at concurrency."""
+    reworded lookups (embedding + vector search + verifier) at concurrency.
+
+    Besides lookups/s it reports CPU time per lookup: of the event-loop thread
+    (which excludes the embedder's model, run in its own thread) and of the
+    whole process. With ``--embeddings synthetic`` the model is not run at all
+    in the measured phase, so the process figure is the cache's own cost per
+    lookup (search, verifier, bookkeeping): what decides the rate on a GPU.
+    ``--profile FILE`` writes a cProfile of the event-loop thread."""
+    import cProfile
+    import pstats
     import tempfile
 
     import numpy as np
@@ -255,6 +286,21 @@ async def cache_bench(a: argparse.Namespace) -> None:
     from cache.embedder import Embedder
     from cache.keys import canonical_hash, namespace_for
     from cache.semantic_cache import SemanticCache
+
+    table: dict[str, Any] = {}
+
+    class Precomputed(Embedder):
+        """The cache's embedder, answering known texts from ``table``."""
+
+        def encode(self, texts: list[str], batch_size: int = 64) -> Any:
+            if texts and all(t in table for t in texts):
+                return np.vstack([table[t] for t in texts])
+            return super().encode(texts, batch_size)
+
+    if a.embeddings == "synthetic":
+        import cache.semantic_cache as semantic_module
+
+        semantic_module.Embedder = Precomputed  # type: ignore[misc]
 
     def question(i: int) -> str:
         topics = ["Rome", "jazz", "volcanoes", "chess", "Python", "bees", "tax law", "bread"]
@@ -277,8 +323,17 @@ async def cache_bench(a: argparse.Namespace) -> None:
             db.create_table(engine)
             embedder = Embedder(settings.embedder, settings.device, settings.embedder_runtime)
             qs = [question(i) for i in range(a.entries)]
+            rng = np.random.default_rng(0)
+            picks = rng.integers(0, a.entries, size=a.lookups)
             t0 = time.perf_counter()
-            vectors = embedder.encode(qs, batch_size=1024)
+            if a.embeddings == "synthetic":
+                vectors, looks = synthetic_vectors(a.entries, picks, embedder.dim)
+                table.clear()
+                table.update(
+                    (question(int(i)).lower(), v) for i, v in zip(picks, looks, strict=True)
+                )
+            else:
+                vectors = embedder.encode(qs, batch_size=1024)
             embed_s = time.perf_counter() - t0
             now = time.time()
             tenants = [f"t{i % spaces}" for i in range(a.entries)]
@@ -307,8 +362,6 @@ async def cache_bench(a: argparse.Namespace) -> None:
             t1 = time.perf_counter()
             await cache.start()
             load_s = time.perf_counter() - t1
-            rng = np.random.default_rng(0)
-            picks = rng.integers(0, a.entries, size=a.lookups)
             # Reworded: another exact key and another embedding, the same question.
             reqs = [
                 (namespace_for(tenants[i], "llama", chat(question(int(i)).lower())), i)
@@ -326,9 +379,19 @@ async def cache_bench(a: argparse.Namespace) -> None:
                     got += found is not None
                 return got
 
-            t2 = time.perf_counter()
+            profile = cProfile.Profile() if a.profile else None
+            t2, loop_cpu, proc_cpu = time.perf_counter(), time.thread_time(), time.process_time()
+            if profile is not None:
+                profile.enable()
             hits = sum(await asyncio.gather(*(worker(cache, queue) for _ in range(a.concurrency))))
+            if profile is not None:
+                profile.disable()
             wall = time.perf_counter() - t2
+            loop_cpu = time.thread_time() - loop_cpu
+            proc_cpu = time.process_time() - proc_cpu
+            if profile is not None:
+                with open(f"{a.profile}.{spaces}ns.txt", "w") as fh:
+                    pstats.Stats(profile, stream=fh).sort_stats("tottime").print_stats(30)
             stats = cache.stats()
             await cache.close()
         row = {
@@ -345,6 +408,9 @@ async def cache_bench(a: argparse.Namespace) -> None:
             "hit_rate": hits / len(reqs),
             "hits_s": hits / wall,
             "embed_batches": stats.get("embed_batches"),
+            "embeddings": a.embeddings,
+            "loop_cpu_us_per_lookup": 1e6 * loop_cpu / len(reqs),
+            "process_cpu_us_per_lookup": 1e6 * proc_cpu / len(reqs),
         }
         rows.append(row)
         print(
@@ -352,7 +418,10 @@ async def cache_bench(a: argparse.Namespace) -> None:
             f"({embedder.runtime}): {row['lookups_s']:,.0f} lookups/s at {a.concurrency} "
             f"concurrent, hit rate {row['hit_rate']:.2f} -> {row['hits_s']:,.0f} semantic "
             f"hits/s (goal >= 5,000/s); fill {fill_s:.1f} s (embedding {embed_s:.1f} s), "
-            f"load {load_s:.1f} s",
+            f"load {load_s:.1f} s; CPU per lookup: event loop "
+            f"{row['loop_cpu_us_per_lookup']:,.0f} us, process "
+            f"{row['process_cpu_us_per_lookup']:,.0f} us ({a.embeddings} embeddings, "
+            f"{row['embed_batches']} batches)",
             flush=True,
         )
     if a.out:
@@ -715,6 +784,14 @@ def main() -> None:
     c.add_argument("--lookups", type=int, default=20_000)
     c.add_argument("--concurrency", type=int, default=256)
     c.add_argument("--device", default="cuda")
+    c.add_argument(
+        "--embeddings",
+        default="model",
+        choices=["model", "synthetic"],
+        help="synthetic: clustered unit vectors instead of the model (fill and lookups), "
+        "so the figures are the cache's own cost without the model",
+    )
+    c.add_argument("--profile", default=None, help="cProfile the event loop to FILE.<n>ns.txt")
     c.add_argument("--out", default=None)
     r = sub.add_parser("slo")
     r.add_argument("--traces", default="steady")
