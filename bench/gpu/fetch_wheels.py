@@ -24,12 +24,14 @@ from packaging.utils import canonicalize_name as canon
 OUT = sys.argv[1] if len(sys.argv) > 1 else "/tmp/bpgpu/whl"
 
 # pyproject.toml's dependencies, less what the gateway imports only on paths the
-# GPU run does not take (litellm: hosted overflow; redis: shared limit counters;
-# psycopg: PostgreSQL URLs). torch and sentence-transformers come with the image.
+# GPU run does not take (litellm: hosted overflow; psycopg: PostgreSQL URLs).
+# torch and sentence-transformers come with the image.
 ROOTS = [
     "fastapi>=0.165",
     "uvicorn[standard]>=0.30",
-    "httpx-aiohttp>=0.1.8",
+    "aiohttp>=3.10",
+    "httptools>=0.6",
+    "redis>=5.0",
     "pydantic>=2.7",
     "pydantic-settings>=2.3",
     "sqlmodel>=0.0.22",

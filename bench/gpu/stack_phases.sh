@@ -1,0 +1,40 @@
+#!/bin/bash
+# Runs ON THE GPU MACHINE, in the repository root, after `device.sh stash` has
+# taken every carried piece but the last. The whole measurement of
+# bench/gpu_stack.py in three calls, each well inside the 10-minute limit:
+#   bash bench/gpu/stack_phases.sh boot     setup (last piece), vLLM, gateway, overhead, cache
+#   bash bench/gpu/stack_phases.sh steady   the steady trace: alone, oracle sweep, naive64, SLO loop
+#   bash bench/gpu/stack_phases.sh diurnal  the diurnal trace, then stops everything
+# Every log and JSON goes to $OUT (the folder whose files come back); the
+# gateway and vLLM outlive a call (their own sessions) while the machine is warm.
+set -uo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/bpsite:/tmp/site HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+STACK="python3 $HERE/../gpu_stack.py"
+
+boot() {
+  bash "$HERE/device.sh" setup 2>&1 | tee "$OUT/setup.log" || return 1
+  bash "$HERE/device.sh" vllm /tmp/vllm.log 2>&1 | tee -a "$OUT/setup.log"
+  local rc=$?
+  cp /tmp/vllm.log "$OUT/vllm_server.log"
+  [ $rc = 0 ] || return 1
+  $STACK start 2>&1 | tee -a "$OUT/setup.log" || return 1
+  $STACK overhead --out "$OUT/overhead.json" 2>&1 | tee "$OUT/overhead.log"
+  $STACK cache --lookups 20000 --out "$OUT/cache.json" 2>&1 | tee "$OUT/cache.log"
+}
+
+steady() {
+  $STACK slo --traces steady --phases alone,fixed2,fixed4,fixed8,naive64,slo1.1,slo1.5 \
+    --duration 45 --out "$OUT/steady.json" 2>&1 | tee "$OUT/steady.log"
+}
+
+diurnal() {
+  $STACK slo --traces diurnal --phases alone,fixed4,fixed8,naive64,slo1.1,slo1.5 \
+    --duration 60 --out "$OUT/diurnal.json" 2>&1 | tee "$OUT/diurnal.log"
+  gzip -c /tmp/vllm.log > "$OUT/vllm_server.log.gz"
+  bash "$HERE/device.sh" stop
+}
+
+"${1:?boot|steady|diurnal}"
