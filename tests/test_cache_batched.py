@@ -1,0 +1,206 @@
+"""The batched lookup path gives what one lookup at a time gave.
+
+Concurrent lookups are embedded, searched and verified as one batch
+(SemanticCache._search_batch); these tests hold its answers, on a few hundred
+real embeddings in several namespaces with tombstones, against a brute-force
+reimplementation of the one-by-one path (exact inner product over the live
+entries of the namespace, then Verifier.score per lookup) and against the same
+lookups made one at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import create_engine
+
+import cache.index as index_module
+from cache.config import CacheSettings
+from cache.index import SemanticIndex
+from cache.keys import canonical_hash
+from cache.semantic_cache import Consultation, SemanticCache
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+NAMESPACES = [f"ns-{i}" for i in range(4)]
+TOPICS = ["Rome", "jazz", "volcanoes", "chess", "Python", "bees", "tax law", "bread"]
+ASPECTS = ["history", "basics", "best books", "common mistakes", "cost", "origin"]
+FORMS = [
+    "What should I know about the {a} of {t}?",
+    "Can you explain the {a} of {t} to a beginner?",
+    "Give me a short overview of the {a} of {t}.",
+    "Why do people care about the {a} of {t}?",
+    "Tell me something surprising about the {a} of {t} in {y}.",
+    "How would you summarise the {a} of {t} for a child?",
+]
+
+
+def stored_texts() -> list[str]:
+    texts = []
+    for f, form in enumerate(FORMS):
+        for a, aspect in enumerate(ASPECTS):
+            for t, topic in enumerate(TOPICS):
+                texts.append(form.format(a=aspect, t=topic, y=1990 + (a * 8 + t + f) % 30))
+    return texts  # 288 distinct questions
+
+
+def query_texts(stored: list[str]) -> list[tuple[int, str]]:
+    """(namespace, text): rewordings asked in the entry's own namespace,
+    the next one, and a few questions nothing is stored for."""
+    queries = []
+    for j, text in enumerate(stored):
+        reworded = text.lower().replace("can you explain", "please explain")
+        if j % 5 == 0:
+            reworded = reworded.replace("19", "20")  # another year: a near miss
+        queries.append((j % 4 if j % 9 else (j + 1) % 4, reworded))
+    queries += [(i % 4, f"What is the boiling point of liquid number {i}?") for i in range(12)]
+    return queries
+
+
+def chat(question: str) -> dict:
+    return {"model": "m", "messages": [{"role": "user", "content": question}], "temperature": 0}
+
+
+def answer(entry_id: str) -> dict:
+    return {"choices": [{"message": {"role": "assistant", "content": entry_id}}]}
+
+
+_VECTORS: dict[str, np.ndarray] = {}
+
+
+async def _filled(tmp_path: Path, backend: str, verifier: bool) -> SemanticCache:
+    settings = CacheSettings(
+        sweep_interval_s=3600,
+        use_gpu=False,
+        # Waiting for company makes every gathered lookup part of a large batch.
+        batch_max_wait_ms=50,
+        batch_max_size=64,
+        verifier_path=None if verifier else str(tmp_path / "no-verifier.npz"),
+    )
+    cache = SemanticCache(settings, create_engine(f"sqlite:///{tmp_path / 'c.db'}"))
+    await cache.start()
+    assert cache._index is not None
+    if backend == "torch":
+        # The matrix-product index the GPU uses, run on the CPU.
+        cache._index = SemanticIndex(cache._index.dim, gpu_backend="torch")
+    stored = stored_texts()
+    missing = [t for t in stored if t not in _VECTORS]
+    if missing:
+        _VECTORS.update(zip(missing, await cache._embed_texts(missing), strict=True))
+    for j, text in enumerate(stored):
+        namespace = NAMESPACES[j % 4]
+        eid = f"e{j:03d}"
+        exact = canonical_hash(namespace, chat(text))
+        response = json.dumps(answer(eid))
+        cache._remember(eid, namespace, "t", exact, text, response, 2e9, _VECTORS[text])
+    for j in range(0, len(stored), 7):  # tombstones the searches must skip
+        cache._forget(f"e{j:03d}")
+    if backend == "torch":
+        assert any(
+            isinstance(s.index, index_module.TorchFlatIP) for s in cache._index._spaces.values()
+        )
+    return cache
+
+
+def _reference(cache: SemanticCache, namespace: str, query: str) -> tuple[str, float, float | None]:
+    """The one-by-one path, independently: exact cosine against every live
+    entry of the namespace, the top ``search_k`` above ``min_similarity``,
+    then the verifier on those, one lookup at a time."""
+    vector = cache._recent[query]
+    ids = [e for e, entry in cache._entries.items() if entry.namespace == namespace]
+    if not ids:
+        return "", 0.0, None
+    matrix = np.vstack([cache._index.vector(e) for e in ids])  # type: ignore[union-attr]
+    sims = matrix.astype(np.float64) @ vector.astype(np.float64)
+    order = [i for i in np.argsort(-sims, kind="stable") if sims[i] >= 0.8][:4]
+    if not order:
+        return "", 0.0, None
+    if cache._verifier is None:
+        return ids[order[0]], float(sims[order[0]]), None
+    texts = [cache._entries[ids[i]].query for i in order]
+    scores = cache._verifier.score(vector, query, matrix[order], texts)
+    best = int(np.argmax(scores))
+    return ids[order[best]], float(sims[order[best]]), float(scores[best])
+
+
+def _summary(found: Consultation) -> tuple[str, str, float, float | None]:
+    """Action, the entry served or proposed (its answer is its id), cosine, score."""
+    if found.hit is not None:
+        content = found.hit.response["choices"][0]["message"]["content"]
+        return "hit", content, found.hit.similarity, found.hit.verifier_score
+    if found.candidate is not None:
+        c = found.candidate
+        return "candidate", c.response["choices"][0]["message"]["content"], c.similarity, c.score
+    return "miss", "", 0.0, None
+
+
+@pytest.mark.parametrize(
+    ("backend", "verifier"), [("faiss", True), ("torch", True), ("faiss", False)]
+)
+async def test_batched_lookups_equal_one_by_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str, verifier: bool
+) -> None:
+    monkeypatch.setattr(index_module, "_GPU_MIN_ROWS", 32)
+    cache = await _filled(tmp_path, backend, verifier)
+    try:
+        queries = query_texts(stored_texts())
+        before = cache.stats()["embed_batches"]
+        batched = await asyncio.gather(*(cache.consult(NAMESPACES[n], chat(q)) for n, q in queries))
+        # Really batched: a handful of model calls for ~300 lookups.
+        assert cache.stats()["embed_batches"] - before <= len(queries) // 16
+        # One at a time (each its own batch; the vectors now come from the
+        # recent-vector cache, so only search and scoring differ).
+        single = [await cache.consult(NAMESPACES[n], chat(q)) for n, q in queries]
+
+        kinds = {"hit": 0, "candidate": 0, "miss": 0}
+        fallback = cache.settings.fallback_min_similarity
+        threshold = cache._verifier.threshold("balanced") if cache._verifier else fallback
+        for (n, q), got, alone in zip(queries, batched, single, strict=True):
+            g, s = _summary(got), _summary(alone)
+            assert g[:2] == s[:2], q
+            assert g[2] == pytest.approx(s[2], abs=1e-5)
+            assert (g[3] is None) == (s[3] is None)
+            if g[3] is not None:
+                assert g[3] == pytest.approx(s[3], abs=1e-5)
+            kinds[g[0]] += 1
+            eid, sim, score = _reference(cache, NAMESPACES[n], q)
+            if g[0] == "miss":
+                # No candidate, or one whose bin straddles the threshold (not judged).
+                assert eid == "" or (score if score is not None else sim) < threshold, q
+                continue
+            assert g[1] == eid, q
+            assert g[2] == pytest.approx(sim, abs=1e-5)
+            # Without a verifier a candidate is scored by its cosine; a hit has no score.
+            want = score if score is not None or g[0] == "hit" else sim
+            if want is None:
+                assert g[3] is None
+            else:
+                assert g[3] == pytest.approx(want, abs=1e-5)
+            assert (g[0] == "hit") == ((score if score is not None else sim) >= threshold)
+        # The comparison means something only if every outcome occurs often.
+        assert kinds["hit"] >= 40, kinds
+        assert kinds["miss"] >= 12, kinds
+        if verifier:
+            assert kinds["candidate"] >= 5, kinds
+    finally:
+        await cache.close()
+
+
+async def test_embedding_in_a_batch_equals_embedding_alone(tmp_path: Path) -> None:
+    """The model's side of batching: a text's vector does not depend on the
+    batch it was encoded in (padding is masked), up to float rounding."""
+    cache = await _filled(tmp_path, "faiss", True)
+    try:
+        texts = [q for _, q in query_texts(stored_texts())[:40]]
+        embedder = cache._embedder
+        assert embedder is not None
+        together = await asyncio.gather(*(embedder.embed(t) for t in texts))
+        for text, vector in zip(texts[:8], together[:8], strict=True):
+            alone = await cache._embed_texts([text])
+            np.testing.assert_allclose(vector, alone[0], atol=2e-5)
+    finally:
+        await cache.close()
