@@ -11,11 +11,13 @@ a competitor that could be deployed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.stats import beta
 
-from cache.bound import COSINE_GRID, VERIFIER_GRID, Calibration
+from cache.bound import CONFIDENCE, COSINE_GRID, VERIFIER_GRID, Calibration
 from cache.config import CacheSettings
 from cache.embedder import Embedder
 from cache.features import feature_matrix
@@ -71,6 +73,24 @@ class Fixed:
 
 
 @dataclass
+class ProofCeiling:
+    """What proving a region costs, measured on the replay's own labels.
+
+    Before a rule that keeps a 95 % bound may serve the region of scores ≥
+    ``threshold``, it must hold about ``needed`` verdicts from it (judged, not
+    served) for the bound at the region's wrong rate to come down to δ;
+    ``hits`` = ``lookups - needed`` is what is left to serve, at best.
+    """
+
+    name: str
+    threshold: float | None
+    lookups: int
+    rate: float
+    needed: int | None  # None: the region's own rate is not below δ
+    hits: int
+
+
+@dataclass
 class SimReport:
     max_error: float
     pairs: int
@@ -78,6 +98,7 @@ class SimReport:
     positives: int
     checkpoints: list[Checkpoint] = field(default_factory=list)
     fixed: list[Fixed] = field(default_factory=list)
+    ceilings: list[ProofCeiling] = field(default_factory=list)
 
     @property
     def final(self) -> Checkpoint:
@@ -163,6 +184,7 @@ def simulate(
                 Checkpoint(step, served, wrong, explored, verdicts, state.threshold, state.upper)
             )
     report.fixed = hindsight(stream, max_error)
+    report.ceilings = proof_ceilings(stream, max_error)
     return report
 
 
@@ -190,6 +212,77 @@ def hindsight(stream: Stream, max_error: float) -> list[Fixed]:
         gate = stream.cosine >= stream.min_similarity
         t, n, w = _best_cut(stream.prob[gate], stream.same[gate], target)
         out.append(Fixed("best fixed verifier", t, n, w))
+    return out
+
+
+def verdicts_needed(
+    rate: float, max_error: float, alpha: float = 1.0 - CONFIDENCE, cap: int = 10_000_000
+) -> int | None:
+    """The fewest verdicts at wrong rate ``rate`` whose exact one-sided bound at
+    level ``alpha`` is ≤ ``max_error``; None when no number of them is.
+
+    The wrong count is taken as ``rate * n``, not rounded (the Clopper–Pearson
+    bound's beta quantile accepts a fractional count), which makes the bound
+    fall steadily with n: an expectation, so a lucky replay order can get
+    there sooner and an unlucky one later.
+    """
+
+    def passes(n: int) -> bool:
+        k = rate * n
+        return float(beta.ppf(1.0 - alpha, k + 1, n - k)) <= max_error
+
+    if not rate < max_error:
+        return None
+    lo, hi = 0, 1
+    while not passes(hi):
+        lo, hi = hi, hi * 2
+        if hi > cap:
+            return None
+    while lo + 1 < hi:
+        mid = (lo + hi) // 2
+        if passes(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def proof_ceiling(
+    name: str, score: np.ndarray, same: np.ndarray, grid: tuple[float, ...], max_error: float
+) -> ProofCeiling:
+    """Over the grid's thresholds, the most hits left once the region is proven
+    (see ProofCeiling): even a rule told in advance which threshold to aim for
+    expects no more than this from the replay. Where no region can be proven,
+    the one closest to it (fewest missing verdicts, else lowest wrong rate)."""
+
+    def key(c: ProofCeiling) -> tuple[int, float, float]:
+        missing = math.inf if c.needed is None else max(0, c.needed - c.lookups)
+        return c.hits, -missing, -c.rate
+
+    best: ProofCeiling | None = None
+    for t in grid:
+        region = score >= t
+        lookups = int(region.sum())
+        if lookups == 0:
+            continue
+        rate = float((~same[region]).mean())
+        needed = verdicts_needed(rate, max_error)
+        hits = 0 if needed is None else max(0, lookups - needed)
+        c = ProofCeiling(name, float(t), lookups, rate, needed, hits)
+        if best is None or key(c) > key(best):
+            best = c
+    return best or ProofCeiling(name, None, 0, 0.0, None, 0)
+
+
+def proof_ceilings(stream: Stream, max_error: float) -> list[ProofCeiling]:
+    gate = stream.cosine >= stream.min_similarity
+    out = [proof_ceiling("cosine", stream.cosine[gate], stream.same[gate], COSINE_GRID, max_error)]
+    if stream.prob is not None:
+        out.append(
+            proof_ceiling(
+                "verifier", stream.prob[gate], stream.same[gate], VERIFIER_GRID, max_error
+            )
+        )
     return out
 
 
@@ -221,6 +314,25 @@ def format_report(r: SimReport, seed: int | None) -> str:
         f"  {'online bound':<22} {'':>17}   hits {final.served:>6}   wrong {final.wrong:>5}"
         f"   precision {1 - final.wrong_rate:.3f}   explored {final.explored}"
     )
+    if r.ceilings:
+        lines += [
+            "",
+            f"cost of proof (a {100 * CONFIDENCE:.0f} % bound ≤ δ at the region's own wrong rate, "
+            "hindsight labels):",
+        ]
+        for c in r.ceilings:
+            if c.threshold is None:
+                lines.append(f"  {c.name:<9} no candidates")
+                continue
+            needed = (
+                "no number of verdicts proves it"
+                if c.needed is None
+                else f"proof needs {c.needed} verdicts"
+            )
+            lines.append(
+                f"  {c.name:<9} region ≥ {c.threshold:<6g} {c.lookups:>5} lookups, "
+                f"{100 * c.rate:5.2f} % wrong: {needed}; at most {c.hits} hits left"
+            )
     return "\n".join(lines)
 
 

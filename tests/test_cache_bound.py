@@ -27,6 +27,7 @@ from cache.bound import (
     clopper_pearson_upper,
     parse_max_error,
 )
+from cache.simulate import proof_ceiling, verdicts_needed
 from cache.verifier import Verifier
 from gateway.reports import usage_report
 from tests.support.gateway_process import GatewayProcess
@@ -300,8 +301,48 @@ def test_simulate_keeps_the_wrong_hit_rate_under_delta(tmp_path):
     assert hits > 0
     assert wrong / hits <= 0.2
     assert "best fixed verifier" in out.stdout and "best fixed cosine" in out.stdout
+    # The cost of proof is printed for both scores, and the online rule served
+    # no more than the region it names could leave once proven.
+    proof = re.search(
+        r"verifier\s+region ≥ \S+\s+(\d+) lookups.*at most (\d+) hits left", out.stdout
+    )
+    assert proof is not None and "cosine    region" in out.stdout
+    assert int(proof.group(2)) <= int(proof.group(1))
     bad = bearpaw(tmp_path, "cache", "simulate", str(path), "--max-error", "2")
     assert bad.returncode != 0 and "max-error" in bad.stderr
+
+
+def test_verdicts_needed_is_the_exact_bound_inverted():
+    # No wrong verdicts: the bound is 1 - 0.05^(1/n), ≤ 0.05 from n = 59 on.
+    assert verdicts_needed(0.0, 0.05) == 59
+    assert clopper_pearson_upper(0, 59, 0.05) <= 0.05 < clopper_pearson_upper(0, 58, 0.05)
+    assert verdicts_needed(0.0, 0.01) == 299
+    # A region wrong 2.5 % of the time needs a couple of hundred verdicts for δ = 0.05,
+    # far more as its rate nears δ, and can never be proven at or above δ.
+    n = verdicts_needed(0.025, 0.05)
+    assert n is not None and 150 < n < 300
+    assert verdicts_needed(0.045, 0.05) > 10 * n
+    assert verdicts_needed(0.05, 0.05) is None and verdicts_needed(0.2, 0.05) is None
+    rates = [0.0, 0.005, 0.01, 0.02, 0.03, 0.04]
+    needed = [verdicts_needed(r, 0.05) for r in rates]
+    assert needed == sorted(needed)
+
+
+def test_proof_ceiling_takes_the_region_with_most_hits_left():
+    rng = np.random.default_rng(0)
+    # 1,000 lookups scoring 0.99 and never wrong, 1,000 scoring 0.6 and always wrong.
+    score = np.r_[np.full(1000, 0.99), np.full(1000, 0.6)]
+    same = np.r_[np.ones(1000, bool), np.zeros(1000, bool)]
+    order = rng.permutation(2000)
+    c = proof_ceiling("verifier", score[order], same[order], VERIFIER_GRID, 0.05)
+    # Every threshold from 0.7 to 0.99 holds the same 1,000 right lookups; the
+    # proof takes 59 of them (rule of three), 941 are left.
+    assert (c.threshold, c.lookups, c.rate, c.needed, c.hits) == (0.7, 1000, 0.0, 59, 941)
+    # Where no region is below δ, nothing is left, and the region shown is the
+    # least wrong one.
+    same_bad = rng.random(2000) < np.where(score[order] > 0.9, 0.9, 0.5)
+    c = proof_ceiling("verifier", score[order], same_bad, VERIFIER_GRID, 0.05)
+    assert c.hits == 0 and c.needed is None and c.threshold == 0.7
 
 
 def test_tenant_max_error_from_the_cli(tmp_path):
