@@ -1,8 +1,9 @@
 """`bearpaw serve --processes N`: requests/s of N gateway processes against one.
 
 Starts the zero-delay upstream and, one after the other, `bearpaw serve
---processes 1` and `--processes 2` (the real command: one supervisor, uvicorn
-workers sharing the listening socket) on the same configuration, and drives
+--processes 1` and `--processes 2` (the real command: one supervisor and
+uvicorn workers with a SO_REUSEPORT socket each, gateway/cli/supervisor.py)
+on the same configuration, and drives
 each with `wrk` at the same concurrencies, non-streaming chat, cache off,
 access log on. Nothing is pinned: N processes may use every CPU, and the
 upstream and wrk take their share of the same CPUs in both runs, so the
@@ -10,6 +11,11 @@ ratio is what adding processes buys on this machine.
 
     python bench/processes.py                          # 1 vs 2, c=16 and 64, 5 s cells
     python bench/processes.py --shared redis://127.0.0.1:6379/0
+    python bench/processes.py --database-url postgresql+psycopg://postgres@127.0.0.1/bench
+
+With SQLite (the default) the processes share one database file, whose
+single writer makes each process wait its turn for the commit its answers
+wait on; `--database-url` points the usage records at PostgreSQL instead.
 
 `--shared URL` sets `limits.redis_url` and gives the tenant an RPM limit and a
 monthly budget, so every request runs its admission through Redis and its
@@ -87,9 +93,11 @@ def tree_cpu(pids: list[int]) -> float:
 class Served:
     """One `bearpaw serve --processes N` and its data directory."""
 
-    def __init__(self, processes: int, models: list[dict], shared: str | None) -> None:
+    def __init__(
+        self, processes: int, models: list[dict], shared: str | None, database: str | None = None
+    ) -> None:
         self.data_dir = Path(tempfile.mkdtemp(prefix=f"bearpaw-bench-proc{processes}-"))
-        extra: dict = {}
+        extra: dict = {"database_url": database} if database else {}
         fields: dict = {}
         if shared:
             extra["limits"] = {"redis_url": shared}
@@ -97,7 +105,9 @@ class Served:
             # is admitted, but only after counting in Redis.
             fields = {"rpm_limit": 10_000_000, "monthly_budget_usd": 1e9}
         config = gateway_config(self.data_dir, models, cache=False, extra=extra)
-        self.key = create_key(self.data_dir, config, **fields)
+        # A tenant of its own: runs may share one database (--database-url).
+        tenant = f"bench-{processes}-{self.data_dir.name[-8:]}"
+        self.key = create_key(self.data_dir, config, tenant=tenant, **fields)
         self.port = free_port()
         script = Path(PYTHON).parent / "bearpaw"  # the installed entry point
         fallback = [PYTHON, "-c", "from gateway.cli import app; app()"]
@@ -161,6 +171,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--shared", default=None, help="Redis URL: limits.redis_url")
+    parser.add_argument(
+        "--database-url",
+        default=None,
+        help="usage records here instead of a fresh SQLite file (e.g. PostgreSQL)",
+    )
     args = parser.parse_args(argv)
 
     up_port = free_port()
@@ -171,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[tuple[int, int], tuple[LoadResult, float]] = {}
     try:
         for n in counts:
-            served = Served(n, models, args.shared)
+            served = Served(n, models, args.shared, args.database_url)
             try:
                 for c in conc:
                     run, us = measure(served, c, args.seconds, args.warmup)
@@ -203,9 +218,11 @@ def main(argv: list[str] | None = None) -> None:
             rows.append([n, c, run.p50_ms, run.p99_ms, run.rps, us, ratio, run.errors])
     headers = ["processes", "conc.", "p50 ms", "p99 ms", "RPS", "CPU us/req", "RPS vs 1", "errors"]
     state = f"limits.redis_url {args.shared} (RPM limit + budget counted in Redis)"
+    db = args.database_url.split("@")[-1] if args.database_url else "SQLite"
     print(
         f"\n{os.cpu_count()} CPUs, nothing pinned; {args.seconds:.0f}s per cell; JSON chat, "
-        f"cache off, access log on; {state if args.shared else 'in-process counters'}\n"
+        f"cache off, access log on; usage records in {db}; "
+        f"{state if args.shared else 'in-process counters'}\n"
     )
     print(markdown_table(headers, rows))
     if base == 1 and 2 in counts:

@@ -11,6 +11,7 @@ import sys
 import typer
 
 from gateway.cli.common import console, engine, err_console
+from gateway.cli.supervisor import Supervisor, reuseport_supported
 from gateway.cli.tenants import keys_app, tenants_app
 from gateway.settings import get_settings
 
@@ -84,17 +85,27 @@ def serve(
         child = subprocess.Popen(
             worker_command(settings.workers.concurrency), start_new_session=True
         )
+    options = {
+        "loop": "uvloop",
+        "http": "httptools",
+        "log_level": "warning",
+        "timeout_graceful_shutdown": 30,
+    }
+    address = host or settings.host
     try:
-        uvicorn.run(
-            "gateway.main:app",
-            host=host or settings.host,
-            port=port or settings.port,
-            loop="uvloop",
-            http="httptools",
-            workers=processes,
-            log_level="warning",
-            timeout_graceful_shutdown=30,
-        )
+        if processes > 1 and reuseport_supported():
+            # One socket per worker (gateway/cli/supervisor.py says why).
+            status = Supervisor(address, port or settings.port, processes, options).run()
+            if status:
+                raise typer.Exit(status)
+        else:
+            uvicorn.run(
+                "gateway.main:app",
+                host=address,
+                port=port or settings.port,
+                workers=processes,
+                **options,  # type: ignore[arg-type]
+            )
     finally:
         if child is not None:
             stop_worker(child)
