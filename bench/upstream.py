@@ -13,6 +13,12 @@ Paths: ``GET /v1/models``, ``GET /health``, ``POST /v1/chat/completions`` and
 a role chunk, three content chunks, a finish chunk, a usage chunk, ``[DONE]``).
 The stream honours nothing else in the request: it always carries usage, as a
 vLLM asked for ``include_usage`` would.
+
+Two switches for the soak bench (bench/soak.py): a request whose body has
+``"user":"bench-slow"`` gets its stream one event every 2 ms (so a client can
+hang up in the middle of it), and every path under ``/fail/`` answers the
+inference paths with a 500 (the rest, health and models, as usual), so a
+replica configured at ``/fail/v1`` is a backend that fails every request.
 """
 
 from __future__ import annotations
@@ -65,7 +71,8 @@ def _completion_body() -> bytes:
     ).encode()
 
 
-def _chat_stream() -> bytes:
+def _chat_stream() -> list[bytes]:
+    """The stream's HTTP chunks, in order (the last one ends the body)."""
     head = {
         "id": "chatcmpl-bench",
         "object": "chat.completion.chunk",
@@ -81,10 +88,11 @@ def _chat_stream() -> bytes:
     ]
     events = [{**head, "choices": [d]} for d in deltas]
     events.append({**head, "choices": [], "usage": USAGE})
-    frames = b""
-    for data in events:
-        frames += _chunk(b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n")
-    return frames + _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
+    frames = [
+        _chunk(b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n")
+        for data in events
+    ]
+    return [*frames, _chunk(b"data: [DONE]\n\n"), b"0\r\n\r\n"]
 
 
 def _chunk(data: bytes) -> bytes:
@@ -117,7 +125,14 @@ STREAM_HEAD = (
     b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
     b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n"
 )
-CHAT_STREAM = STREAM_HEAD + _chat_stream()
+CHAT_STREAM = STREAM_HEAD + b"".join(_chat_stream())
+# The same stream cut at its HTTP chunks, for the slow variant.
+STREAM_PARTS = [STREAM_HEAD, *_chat_stream()]
+FAILED = _json_response(
+    b'{"error":{"message":"bench upstream failure","type":"server_error"}}',
+    b"500 Internal Server Error",
+)
+SLOW_EVENT_S = 0.002
 
 
 class UpstreamProtocol(asyncio.Protocol):
@@ -152,17 +167,37 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         assert self.transport is not None
-        self.transport.write(self._answer())
+        answer = self._answer()
+        if answer is None:  # the slow stream: written by call_later
+            self._write_slowly(STREAM_PARTS, self.parser.should_keep_alive())
+            return
+        self.transport.write(answer)
         if not self.parser.should_keep_alive():
             self.transport.close()
 
-    def _answer(self) -> bytes:
+    def _write_slowly(self, parts: list[bytes], keep_alive: bool) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return  # the client hung up: the rest of the stream goes nowhere
+        transport.write(parts[0])
+        if len(parts) > 1:
+            loop = asyncio.get_running_loop()
+            loop.call_later(SLOW_EVENT_S, self._write_slowly, parts[1:], keep_alive)
+        elif not keep_alive:
+            transport.close()
+
+    def _answer(self) -> bytes | None:
         path = self.url.split(b"?", 1)[0]
+        failing = path.startswith(b"/fail/")
+        if failing:
+            path = path[len(b"/fail") :]
         if path in (b"/v1/chat/completions", b"/v1/completions"):
+            if failing:
+                return FAILED
             # A substring test, not a JSON parse: this server must stay cheap.
             compact = bytes(self.body).replace(b" ", b"")
             if b'"stream":true' in compact:
-                return CHAT_STREAM
+                return None if b'"user":"bench-slow"' in compact else CHAT_STREAM
             return CHAT if path == b"/v1/chat/completions" else COMPLETION
         if path == b"/v1/models":
             return MODELS
