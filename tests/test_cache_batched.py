@@ -204,3 +204,49 @@ async def test_embedding_in_a_batch_equals_embedding_alone(tmp_path: Path) -> No
             np.testing.assert_allclose(vector, alone[0], atol=2e-5)
     finally:
         await cache.close()
+
+
+def test_lexical_features_match_their_definition() -> None:
+    """The set-size shortcuts (|x ∪ y| and |x △ y| from |x ∩ y|, log1p from a
+    table) give exactly the features defined on the sets themselves, which is
+    what the verifier was trained on."""
+    from cache.features import LEXICAL_NAMES, TextInfo, lexical_features
+
+    def jaccard(x: frozenset, y: frozenset) -> float:
+        return 1.0 if not x and not y else len(x & y) / len(x | y)
+
+    texts = stored_texts()[:60] + [q for _, q in query_texts(stored_texts())[-30:]]
+    texts += ["", "Not NASA's 3,400 U.S. rockets in 2015?", "isn't it 2016 at NASA"]
+    infos = [TextInfo(t) for t in texts]
+    for a, b in zip(infos, infos[1:] + infos[:1], strict=True):
+        got = dict(zip(LEXICAL_NAMES, lexical_features(a, b), strict=True))
+        assert got["token_jaccard"] == jaccard(a.token_set, b.token_set)
+        assert got["content_jaccard"] == jaccard(a.content, b.content)
+        assert got["bigram_jaccard"] == jaccard(a.bigrams, b.bigrams)
+        assert got["char3_jaccard"] == jaccard(a.char3, b.char3)
+        assert got["caps_jaccard"] == jaccard(a.caps, b.caps)
+        assert got["sym_diff_content"] == float(np.log1p(len(a.content ^ b.content)))
+        assert got["numbers_sym_diff"] == float(np.log1p(len(a.numbers ^ b.numbers)))
+        assert got["log_len_min"] == float(np.log1p(min(len(a.tokens), len(b.tokens))))
+    stop = frozenset({"the", "of", "what", "should", "i", "about"})
+    for info in infos:
+        assert stop.isdisjoint(info.content)
+        assert info.content <= info.token_set
+
+
+def test_pair_feature_matrix_stacks_pair_features() -> None:
+    from cache.features import TextInfo, pair_feature_matrix, pair_features
+
+    rng = np.random.default_rng(3)
+    u = rng.normal(size=(20, 384)).astype(np.float32)
+    v = rng.normal(size=(20, 384)).astype(np.float32)
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    texts = stored_texts()
+    a = [TextInfo(t) for t in texts[:20]]
+    b = [TextInfo(t) for t in texts[20:40]]
+    got = pair_feature_matrix(u, v, a, b)
+    want = np.vstack([pair_features(u[i], v[i], a[i], b[i]) for i in range(20)])
+    assert got.shape == want.shape and got.dtype == np.float32
+    np.testing.assert_array_equal(got[:, 2:], want[:, 2:])
+    np.testing.assert_allclose(got[:, :2], want[:, :2], atol=1e-6)
