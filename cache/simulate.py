@@ -6,7 +6,10 @@ an explored or missed lookup would produce). Only the online mechanism of
 ``cache/bound.py`` decides; nothing is fitted to the file being replayed. The
 fixed thresholds printed beside it are chosen *in hindsight*, with the labels
 of the whole replay, which no live cache can do: they are the yardstick, not
-a competitor that could be deployed.
+a competitor that could be deployed. So is the cost of proof printed last
+(``proof_ceiling``): how many verdicts a 95 % bound needs before it may serve
+a region, at that region's own wrong rate, and how many hits that leaves —
+what even a rule told the right threshold in advance could expect.
 """
 
 from __future__ import annotations
