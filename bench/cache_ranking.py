@@ -73,7 +73,7 @@ def describe(name: str, score: np.ndarray, same: np.ndarray, grid: tuple[float, 
         print(
             f"    δ={delta:<5g} hindsight: {n:>5} hits ({w} wrong) at ≥ {cut:<7}"
             f" proof: region ≥ {c.threshold} has {c.lookups} lookups, {100 * c.rate:.2f} %"
-            f" wrong, {needed} -> at most {c.hits} hits"
+            f" wrong, {needed} -> about {c.hits} hits left"
         )
 
 

@@ -8,8 +8,9 @@ fixed thresholds printed beside it are chosen *in hindsight*, with the labels
 of the whole replay, which no live cache can do: they are the yardstick, not
 a competitor that could be deployed. So is the cost of proof printed last
 (``proof_ceiling``): how many verdicts a 95 % bound needs before it may serve
-a region, at that region's own wrong rate, and how many hits that leaves —
-what even a rule told the right threshold in advance could expect.
+a region, at that region's own wrong rate, and about how many hits that
+leaves: a rough yardstick for the online rule (which re-checks its bound
+after every verdict, so a lucky order proves a region sooner).
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ class ProofCeiling:
     Before a rule that keeps a 95 % bound may serve the region of scores ≥
     ``threshold``, it must hold about ``needed`` verdicts from it (judged, not
     served) for the bound at the region's wrong rate to come down to δ;
-    ``hits`` = ``lookups - needed`` is what is left to serve, at best.
+    ``hits`` = ``lookups - needed`` is about what is left to serve.
     """
 
     name: str
@@ -254,8 +255,7 @@ def proof_ceiling(
     name: str, score: np.ndarray, same: np.ndarray, grid: tuple[float, ...], max_error: float
 ) -> ProofCeiling:
     """Over the grid's thresholds, the most hits left once the region is proven
-    (see ProofCeiling): even a rule told in advance which threshold to aim for
-    expects no more than this from the replay. Where no region can be proven,
+    (see ProofCeiling). Where no region can be proven,
     the one closest to it (fewest missing verdicts, else lowest wrong rate)."""
 
     def key(c: ProofCeiling) -> tuple[int, float, float]:
@@ -334,7 +334,7 @@ def format_report(r: SimReport, seed: int | None) -> str:
             )
             lines.append(
                 f"  {c.name:<9} region ≥ {c.threshold:<6g} {c.lookups:>5} lookups, "
-                f"{100 * c.rate:5.2f} % wrong: {needed}; at most {c.hits} hits left"
+                f"{100 * c.rate:5.2f} % wrong: {needed}; about {c.hits} hits left"
             )
     return "\n".join(lines)
 
