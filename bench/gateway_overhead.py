@@ -40,6 +40,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (  # noqa: E402
@@ -187,7 +189,15 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="LiteLLM proxy as a peer column (default: when .venv-bench-litellm exists)",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a top-level gateway setting for this run (YAML value), e.g. gc_freeze=false",
+    )
     args = parser.parse_args(argv)
+    overrides = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.set)}
     use_peer = args.litellm if args.litellm is not None else LITELLM_VENV.exists()
 
     cpus = os.cpu_count() or 1
@@ -206,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         cache=False,
         cpus=gw_cpu,
         log_level=args.log_level,
-        extra={"backends": {"http_engine": args.http_engine}},
+        extra={"backends": {"http_engine": args.http_engine}, **overrides},
     )
     direct_url = f"http://127.0.0.1:{up_port}/v1/chat/completions"
     via_url = gateway.url + "/chat/completions"
@@ -301,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"\ngateway pinned to CPU {gw_cpu}, upstream+wrk to CPU {load_cpu}; "
         f"{cpus} CPUs; {args.seconds:.0f}s per cell; log level {args.log_level}; "
-        f"http_engine {args.http_engine}\n"
+        f"http_engine {args.http_engine}; settings {overrides or 'default'}\n"
     )
     print(markdown_table(headers, rows))
     print(

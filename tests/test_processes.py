@@ -349,3 +349,36 @@ def test_cache_entries_and_purges_reach_the_other_process(
     status, headers, _ = b.request("POST", "/v1/chat/completions", question, auth)
     assert status == 200 and headers["x-bearpaw-cache"] == "miss"
     assert fault_server_session.request_count("/v1/chat/completions") == 2
+
+
+def test_supervisor_replaces_a_killed_worker_and_stops_cleanly(local_serve) -> None:
+    served = local_serve
+    killed = served.workers()[0]
+    ready_before = served.log_path.read_text(errors="replace").count('"bearpaw ready"')
+    os.kill(killed, signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        log = served.log_path.read_text(errors="replace")
+        workers = served.workers()
+        if log.count('"bearpaw ready"') > ready_before and killed not in workers:
+            break
+        time.sleep(0.3)
+    else:
+        raise AssertionError(f"no replacement for worker {killed}:\n{served.log_tail()}")
+    assert len(workers) == 2
+    for worker in _pinned_pair(served):  # both answer, on the same port
+        status, _, _ = worker.request("GET", "/health")
+        assert status == 200
+    # SIGTERM to the supervisor: every worker drains and exits, then it does.
+    assert served.proc is not None
+    served.proc.send_signal(signal.SIGTERM)
+    assert served.proc.wait(timeout=60) == 0
+    alive = [pid for pid in workers if Path(f"/proc/{pid}").exists() and not _zombie(pid)]
+    assert alive == []
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False
