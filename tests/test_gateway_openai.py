@@ -176,29 +176,45 @@ def test_backend_error_is_passed_as_openai_error(client):
     assert exc.value.body["message"]
 
 
-def test_client_disconnect_cancels_upstream_stream(gateway, key, vllm_server):
-    before = vllm_server.metrics()
-    body = {
-        "model": "tiny",
-        "messages": MSG,
-        "max_tokens": 400,
-        "stream": True,
-        "ignore_eos": True,
-        "temperature": 0,
+def test_client_disconnect_cancels_upstream_stream(vllm_server, tmp_path):
+    """With on_client_disconnect: abort, a client that hangs up mid-stream stops
+    the backend's generation. (The default, `finish`, lets it run on and bills
+    it: tests/test_metering_vllm.py.) The check waits for vLLM to have nothing
+    running, not for a fixed time, so a fast backend cannot finish first unseen."""
+    from tests.support.gateway_process import GatewayProcess
+
+    env = {
+        "BEARPAW_CACHE__ENABLED": "false",
+        "BEARPAW_RESILIENCE__ON_CLIENT_DISCONNECT": "abort",
     }
-    headers = {"authorization": f"Bearer {key}"}
-    with httpx.stream(
-        "POST", gateway.base_url + "/chat/completions", json=body, headers=headers, timeout=60
-    ) as r:
-        got = 0
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                got += 1
-            if got >= 3:
-                break
-    time.sleep(2.0)
-    generated = _delta(before, vllm_server.metrics(), "vllm:generation_tokens_total")
-    assert 0 < generated < 400
+    with GatewayProcess(tmp_path, backends=[vllm_server.base_url], env=env).start() as gw:
+        secret = gw.create_key("leaver")
+        gw.wait_models(secret, {"tiny"})
+        before = vllm_server.metrics()
+        body = {
+            "model": "tiny",
+            "messages": MSG,
+            "max_tokens": 450,
+            "stream": True,
+            "ignore_eos": True,
+            "temperature": 0,
+        }
+        headers = {"authorization": f"Bearer {secret}"}
+        with httpx.stream(
+            "POST", gw.base_url + "/chat/completions", json=body, headers=headers, timeout=60
+        ) as r:
+            got = 0
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    got += 1
+                if got >= 3:
+                    break
+        deadline = time.monotonic() + 60
+        while vllm_server.metrics().get("vllm:num_requests_running", 0.0) > 0:
+            assert time.monotonic() < deadline, "vLLM still runs the abandoned request"
+            time.sleep(0.05)
+        generated = _delta(before, vllm_server.metrics(), "vllm:generation_tokens_total")
+        assert 0 < generated < 450
 
 
 def test_every_request_left_one_usage_record(gateway, key):
