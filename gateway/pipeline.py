@@ -33,6 +33,7 @@ from gateway.limits import Limiter, estimate_tokens
 from gateway.pricing import PriceBook
 from gateway.protocol import ENDPOINTS, Upload
 from gateway.sse import DONE, StreamAssembler, event, parse_event, replay
+from gateway.stream_latency import StreamLatencies
 from gateway.usage_writer import UsageWriter
 
 log = logging.getLogger("bearpaw.pipeline")
@@ -99,8 +100,12 @@ class Pipeline:
         budget_check: BudgetCheck | None = None,
         observe: Callable[[UsageRecord], None] | None = None,
         finish_abandoned: bool = True,
+        stream_latencies: StreamLatencies | None = None,
     ) -> None:
         self.pool = pool
+        # Finished interactive streams' TTFT and per-token time, for the batch
+        # workers' SLO loop (gateway/stream_latency.py).
+        self.stream_latencies = stream_latencies
         # on_client_disconnect: `finish` lets the backend complete a request
         # whose client left and bills its final usage; `abort` cancels it.
         self.finish_abandoned = finish_abandoned
@@ -242,6 +247,14 @@ class Pipeline:
         if candidate is not None:
             self._spawn(self.cache.verdict(candidate, body, rbody, meter.cache == "verify"))
         return Outcome(200, rbody, headers)
+
+    def _sample_latency(self, meter: _Meter, first_at: float, last_at: float) -> None:
+        """One finished interactive stream's latency, for the SLO loop."""
+        if self.stream_latencies is None:
+            return
+        tokens = meter.completion_tokens
+        tpot = (last_at - first_at) / (tokens - 1) if tokens > 1 else None
+        self.stream_latencies.add(meter.model, first_at - meter.started, tpot, tokens)
 
     async def _outlive_client(
         self,
@@ -386,7 +399,11 @@ class Pipeline:
             if not gone:
                 out.put_nowait(chunk)
 
+        # Times of the first and last chunk that carried a token (latency samples).
+        first_at = last_at = 0.0
+
         async def pump() -> None:
+            nonlocal first_at, last_at
             completed = recorded = False
             try:
                 try:
@@ -402,6 +419,9 @@ class Pipeline:
                             emit(raw)
                             continue
                         assembler.add(data)
+                        if _carries_token(data):
+                            last_at = time.perf_counter()
+                            first_at = first_at or last_at
                         usage = data.get("usage")
                         if usage:
                             self._take_usage(meter, usage)
@@ -426,6 +446,8 @@ class Pipeline:
                         )
                     )
                 answered = completed and meter.status < 400
+                if answered and first_at and call.source == "interactive":
+                    self._sample_latency(meter, first_at, last_at)
                 if gone:
                     meter.status, meter.error = 499, "client closed the stream"
                 # Usage is committed before the client is told the stream is done.
@@ -593,6 +615,23 @@ def affinity_key(body: dict[str, Any], chars: int = 256) -> str | None:
 def _fresh_id(old: Any, request_id: str) -> str:
     prefix = str(old).split("-", 1)[0] if old else "chatcmpl"
     return f"{prefix}-{request_id.removeprefix('req_')}"
+
+
+def _carries_token(data: dict[str, Any]) -> bool:
+    """Whether a chat or completions chunk carries generated output (the
+    first chunk of a chat stream carries only the role)."""
+    for choice in data.get("choices") or ():
+        if choice.get("text"):
+            return True
+        delta = choice.get("delta")
+        if delta and (
+            delta.get("content")
+            or delta.get("tool_calls")
+            or delta.get("reasoning")
+            or delta.get("reasoning_content")
+        ):
+            return True
+    return False
 
 
 def _error_message(body: Any) -> str:

@@ -20,6 +20,7 @@ from gateway.pricing import PriceBook
 from gateway.resilience.dependencies import Dependencies
 from gateway.resilience.usage_spool import UsageSpool
 from gateway.settings import Settings
+from gateway.stream_latency import StreamLatencies
 from gateway.usage_writer import UsageWriter
 
 
@@ -117,6 +118,7 @@ async def build_runtime(
         budget_check=budgets,
         observe=observed,
         finish_abandoned=resilience.on_client_disconnect == "finish",
+        stream_latencies=StreamLatencies(),
     )
     return Runtime(
         settings,

@@ -52,6 +52,10 @@ class SloTarget(BaseModel):
     # The unloaded figures the ratio applies to; learned from quiet windows when unset.
     baseline_ttft_ms: float | None = Field(default=None, gt=0)
     baseline_tpot_ms: float | None = Field(default=None, gt=0)
+    # The unloaded p99 request, TTFT + ratio_tokens x its per-token time, as
+    # the gateway measures its streams (the loop's first reading). Default:
+    # the two baselines above combined if both are set, else learned.
+    baseline_latency_ms: float | None = Field(default=None, gt=0)
     # Output tokens of a typical interactive answer: the ratio bounds
     # TTFT p99 + tokens x TPOT, the latency users wait for, not each part alone.
     ratio_tokens: int = Field(default=128, ge=1)
@@ -100,6 +104,10 @@ class WorkerSettings(BaseModel):
     # Interactive SLO per model name ("*" for every model): when one applies, a
     # closed loop sets the lines in flight instead of the three numbers above.
     slo: dict[str, SloTarget] = Field(default_factory=dict)
+    # The gateway whose interactive streams the SLO loop reads
+    # (GET /admin/latency/streams, with admin_key). `bearpaw serve` sets it for
+    # its embedded worker; unset, the loop reads vLLM's /metrics only.
+    gateway_url: str | None = None
     # Lines one batch task claims before handing the rest to a fresh task.
     batch_chunk_lines: int = 256
     # A claim on a line or job: a worker killed mid-work leaves its claim,

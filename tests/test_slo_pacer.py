@@ -285,3 +285,102 @@ def test_ratio_pressure_weighs_the_typical_excess_for_the_p99_request() -> None:
     assert pacer.pressure(reading) == pytest.approx(TAIL_EXCESS * 0.6)
     pacer.aimd.limit = 8
     assert pacer.observe(reading) <= 8
+
+
+# ------------------------------------------------- the gateway's own streams
+
+
+def test_stream_ring_reads_by_cursor_and_stays_bounded() -> None:
+    from gateway.stream_latency import StreamLatencies
+
+    ring = StreamLatencies(size=4)
+    assert ring.after(0) == []
+    for i in range(6):
+        ring.add("m", 0.01 * i, 0.005, 10)
+    assert ring.last_seq == 6
+    # Only the newest 4 are kept; a reader that fell behind gets those.
+    assert [s.seq for s in ring.after(0)] == [3, 4, 5, 6]
+    assert [s.seq for s in ring.after(4)] == [5, 6]
+    assert ring.after(6) == []
+    assert [s.seq for s in ring.after(0, limit=1)] == [6]
+
+
+def _answer(last: int, *items: tuple[int, float, float, float | None]) -> dict:
+    return {
+        "last_seq": last,
+        "data": [
+            {"seq": q, "age_s": age, "model": "tiny", "ttft_s": ttft, "tpot_s": tpot, "tokens": 64}
+            for q, age, ttft, tpot in items
+        ],
+    }
+
+
+def test_gateway_feed_keeps_a_window_and_follows_a_restart() -> None:
+    from workers.stream_feed import GatewayFeed
+
+    feed = GatewayFeed("http://gw", "k")
+    feed.ingest(
+        _answer(3, (1, 9.0, 0.02, 0.005), (2, 2.0, 0.03, 0.005), (3, 0.5, 0.04, None)), 100.0
+    )
+    assert feed._after == 3
+    recent = feed.recent("tiny", 100.0, window_s=3.0, at_least=1)
+    assert [s.ttft_s for s in recent] == [0.03, 0.04]  # ended within the last 3 s
+    # Fewer than asked for in the window: the last ones of up to 4 windows back.
+    assert [s.ttft_s for s in feed.recent("tiny", 100.0, 3.0, at_least=3)] == [0.02, 0.03, 0.04]
+    assert feed.recent("other", 100.0, 3.0, 1) == []
+    # The gateway restarted (its sequence is behind the cursor): read from 0 next.
+    feed.ingest(_answer(1), 101.0)
+    assert feed._after == 0
+    feed.ingest(_answer(1, (1, 0.1, 0.05, 0.006)), 101.2)
+    assert feed._after == 1 and feed.recent("tiny", 101.2, 3.0, 1)[-1].ttft_s == 0.05
+
+
+def test_gateway_reading_is_the_p99_request_without_the_tail_weight() -> None:
+    bounds = SloTarget(ratio=1.5, baseline_latency_ms=680)
+    pacer = SloPacer(bounds)
+    # vLLM's reading alone would be weighed by TAIL_EXCESS; the gateway's p99
+    # request is taken as it is: 30 % over of 50 % allowed is 0.6.
+    reading = Reading(0.03, 0.005, busy=True, own=8, gw_latency_p99=0.680 * 1.3)
+    assert pacer.pressure(reading) == pytest.approx(0.6)
+    pacer.aimd.limit = 8
+    pacer.aimd._settling = 0
+    assert pacer.observe(reading) == 9  # inside the headroom: one more line
+    over = Reading(0.03, 0.005, busy=True, own=9, gw_latency_p99=0.680 * 1.6)
+    assert pacer.observe(over) == 4  # over the bound: halved at once
+    # Millisecond bounds read the gateway's p99s, not vLLM's histograms.
+    ms = SloPacer(SloTarget(ttft_p99_ms=50))
+    slow_first = Reading(0.01, 0.005, busy=True, own=2, gw_ttft_p99=0.1, gw_latency_p99=0.7)
+    assert ms.pressure(slow_first) == pytest.approx(2.0)
+
+
+def test_gateway_baseline_learned_in_quiet_windows() -> None:
+    pacer = SloPacer(SloTarget(ratio=1.2, min_concurrency=1))
+    # No baseline yet: the loop holds its floor.
+    assert pacer.observe(Reading(0.03, 0.005, busy=True, own=4, gw_latency_p99=0.7)) == 1
+    assert pacer.base_latency is None  # 4 lines of ours: not a quiet window
+    pacer.observe(Reading(0.03, 0.005, busy=True, own=1, gw_latency_p99=0.7))
+    assert pacer.base_latency == pytest.approx(0.7)
+
+
+def test_model_pacer_reads_the_feed_streams() -> None:
+    from workers.slo_pacer import ModelPacer
+    from workers.stream_feed import GatewayFeed
+
+    pool = two_replica_pool()
+    a, b = pool.replicas("tiny")
+    feed = GatewayFeed("http://gw", None)
+    feed.healthy = True
+    # 50 streams: 49 at 0.70 s for 128 tokens and one slow one.
+    items = [(i + 1, 0.5, 0.03, (0.70 - 0.03) / 128) for i in range(49)]
+    items.append((50, 0.4, 0.03, (1.20 - 0.03) / 128))
+    feed.ingest(_answer(50, *items), 200.0)
+    bounds = SloTarget(ratio=1.5, baseline_latency_ms=700, window_s=3.0)
+    pacer = ModelPacer(pool, "tiny", bounds, feed)
+    scrape(a, 199.0, running=1, ttft=[0.02], itl=[0.005] * 10)
+    scrape(b, 199.0, running=0, ttft=[], itl=[])
+    pacer.limit(199.5)
+    scrape(a, 200.0, running=1, ttft=[0.02] * 2, itl=[0.005] * 20)
+    scrape(b, 200.0, running=0, ttft=[], itl=[])
+    pacer.limit(200.0)
+    # p99 of 50 by nearest rank is the 50th: the slow stream, 1.2 s of 0.7 allowed 1.05.
+    assert pacer.pacer.last_pressure == pytest.approx((1.2 / 0.7 - 1) / 0.5)

@@ -28,6 +28,7 @@ from gateway.pipeline import Call
 from gateway.protocol import BATCH_URLS
 from gateway.runtime import Runtime
 from workers.slo_pacer import pacer_for
+from workers.stream_feed import feed_for
 
 log = logging.getLogger("bearpaw.workers.batches")
 
@@ -46,6 +47,9 @@ class BatchRunner:
         self.hand_over = hand_over
         self.cfg = rt.settings.workers
         self._busy_until = 0.0
+        # The gateway's own interactive stream latencies, for the SLO loop.
+        url = self.cfg.gateway_url
+        self.feed = feed_for(url, rt.settings.admin_key) if url else None
 
     async def _db(self, fn: Any, *args: Any) -> Any:
         return await asyncio.to_thread(fn, *args)
@@ -90,9 +94,11 @@ class BatchRunner:
                 stop = stop or "gone"  # finalized by another run meanwhile
             elif _past(batch):
                 stop = "expired"
+            slo = self.cfg.slo_for(batch.model)
+            if slo is not None and self.feed is not None:
+                await self.feed.poll()
             room = self._concurrency(batch.model) - len(in_flight)
             room = min(room, self.cfg.batch_chunk_lines - started)
-            slo = self.cfg.slo_for(batch.model)
             if slo is not None:
                 room = min(room, slo.admit_burst)  # spread batch prefills out
             lines: list[BatchLine] = []
@@ -149,7 +155,7 @@ class BatchRunner:
         shortly after) they serve requests this worker did not send."""
         slo = self.cfg.slo_for(model)
         if slo is not None and model is not None:
-            return pacer_for(self.rt.pool, model, slo).limit()
+            return pacer_for(self.rt.pool, model, slo, self.feed).limit()
         now = time.monotonic()
         if self.rt.pool.foreign_load(model) >= 1:
             self._busy_until = now + self.cfg.backfill_quiet_s

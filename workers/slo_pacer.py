@@ -2,13 +2,16 @@
 
 A closed loop, one decision per /metrics scrape of the model's vLLM servers:
 
-* the reading is the interactive latency of the last ``window_s`` seconds,
-  from the difference of two scrapes of vLLM's histograms (no new channel
-  between gateway and worker): TTFT p99 from ``time_to_first_token_seconds``,
-  per-token time as the mean of ``inter_token_latency_seconds``. The mean is
-  used because vLLM's inter-token buckets (10, 25, 50 ms ...) are too coarse
-  to read a p99 of a few ms, and one decode step serves every running
-  sequence, so a token costs nearly the same for all of them;
+* the reading is the interactive latency of the last ``window_s`` seconds.
+  First choice: the streams the gateway itself served (workers/stream_feed.py),
+  each with its own time to first token and per-token time, so the loop reads
+  the p99 *request* (TTFT + ratio_tokens x its per-token time) directly.
+  Without that feed (no gateway URL or admin key, gateway unreachable, or no
+  stream ended lately), from the difference of two scrapes of vLLM's
+  histograms: TTFT p99 from ``time_to_first_token_seconds``, per-token time as
+  the mean of ``inter_token_latency_seconds`` (vLLM's inter-token buckets,
+  10, 25, 50 ms ..., are too coarse to read a p99 of a few ms), the excess
+  weighed by ``TAIL_EXCESS`` to stand for the p99 request;
 * pressure = the worst of measured / bound over the stated bounds (for a
   ratio: the used share of the allowed excess over the unloaded latency);
 * additive increase while pressure is below ``headroom`` (faster when far
@@ -26,6 +29,7 @@ of the readings it is fed, which is what the unit tests drive.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import weakref
@@ -34,6 +38,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from backends.vllm_metrics import Histogram
+from workers.stream_feed import GatewayFeed
+
+log = logging.getLogger("bearpaw.workers.slo")
 
 # Pressure above which one decrease is not enough: cut to a quarter.
 SEVERE = 1.5
@@ -61,6 +68,7 @@ class SloBounds(Protocol):
     ratio: float | None
     baseline_ttft_ms: float | None
     baseline_tpot_ms: float | None
+    baseline_latency_ms: float | None
     ratio_tokens: int
     min_concurrency: int
     max_concurrency: int
@@ -116,6 +124,10 @@ class AimdLimit:
         return self.limit
 
 
+# Streams a gateway-measured p99 is read from at least (widening the window).
+MIN_STREAMS = 40
+
+
 @dataclass(slots=True)
 class Reading:
     """Interactive latency over one window, in seconds."""
@@ -124,6 +136,11 @@ class Reading:
     tpot: float | None  # mean inter-token latency; None: no token in the window
     busy: bool  # someone other than this process used the servers in the window
     own: int  # this process's requests at the servers at the last scrape
+    # From the gateway's own streams (None without them): p99 over requests of
+    # TTFT, of per-token time, and of TTFT + ratio_tokens x per-token time.
+    gw_ttft_p99: float | None = None
+    gw_tpot_p99: float | None = None
+    gw_latency_p99: float | None = None
 
 
 class SloPacer:
@@ -136,6 +153,11 @@ class SloPacer:
         )
         self.base_ttft = _seconds(bounds.baseline_ttft_ms)
         self.base_tpot = _seconds(bounds.baseline_tpot_ms)
+        # The unloaded p99 request (TTFT + ratio_tokens x per-token time) as the
+        # gateway measures it: stated through both baselines, or learned.
+        self.base_latency = _seconds(getattr(bounds, "baseline_latency_ms", None))
+        if self.base_latency is None and self.base_ttft is not None and self.base_tpot is not None:
+            self.base_latency = self.base_ttft + bounds.ratio_tokens * self.base_tpot
         self.last_pressure: float | None = None
 
     @property
@@ -150,7 +172,7 @@ class SloPacer:
         self._learn_baseline(reading)
         pressure = self.pressure(reading)
         self.last_pressure = pressure
-        if pressure is None and self.bounds.ratio is not None and not self._has_baseline():
+        if pressure is None and self.bounds.ratio is not None and not self._has_baseline(reading):
             # A ratio needs the unloaded latency: stay at the floor until a
             # window with only that many lines of ours has measured it.
             self.aimd.limit = self.aimd.lo
@@ -164,32 +186,42 @@ class SloPacer:
         b = self.bounds
         worst: float | None = None
 
-        def worse(measured: float | None, bound: float | None) -> None:
+        def worse(value: float | None) -> None:
             nonlocal worst
-            if measured is None or bound is None or bound <= 0:
-                return
-            ratio = measured / bound
-            worst = ratio if worst is None else max(worst, ratio)
+            if value is not None:
+                worst = value if worst is None else max(worst, value)
 
-        worse(reading.ttft_p99, _seconds(b.ttft_p99_ms))
-        worse(reading.tpot, _seconds(b.tpot_p99_ms))
-        if b.ratio is not None and self._has_baseline():
+        gateway = reading.gw_latency_p99 is not None
+        if gateway:
+            worse(_over(reading.gw_ttft_p99, _seconds(b.ttft_p99_ms)))
+            worse(_over(reading.gw_tpot_p99, _seconds(b.tpot_p99_ms)))
+        else:
+            worse(_over(reading.ttft_p99, _seconds(b.ttft_p99_ms)))
+            worse(_over(reading.tpot, _seconds(b.tpot_p99_ms)))
+        if b.ratio is None:
+            return worst
+        # Pressure on the allowed excess, not on the whole latency: at 1.1x a
+        # bound-relative headroom of 85% would sit inside the unloaded latency
+        # itself and never let a line in.
+        if gateway and self.base_latency:
+            # Already the p99 request: no tail weight.
+            loaded = reading.gw_latency_p99 or 0.0
+            worse(max(0.0, loaded / self.base_latency - 1.0) / (b.ratio - 1.0))
+        elif not gateway and self.base_tpot is not None:
             base_ttft = self.base_ttft or 0.0
-            base_tpot = self.base_tpot or 0.0
+            base_tpot = self.base_tpot
             ttft = reading.ttft_p99 if reading.ttft_p99 is not None else base_ttft
             tpot = reading.tpot if reading.tpot is not None else base_tpot
             # The latency users wait for: first token, then ratio_tokens more.
             unloaded = base_ttft + b.ratio_tokens * base_tpot
             loaded = ttft + b.ratio_tokens * tpot
-            # Pressure on the allowed excess, not on the whole latency: at 1.1x
-            # a bound-relative headroom of 85% would sit inside the unloaded
-            # latency itself and never let a line in.
             if unloaded > 0:
-                excess = TAIL_EXCESS * max(0.0, loaded / unloaded - 1.0) / (b.ratio - 1.0)
-                worst = excess if worst is None else max(worst, excess)
+                worse(TAIL_EXCESS * max(0.0, loaded / unloaded - 1.0) / (b.ratio - 1.0))
         return worst
 
-    def _has_baseline(self) -> bool:
+    def _has_baseline(self, reading: Reading) -> bool:
+        if reading.gw_latency_p99 is not None:
+            return self.base_latency is not None
         return self.base_tpot is not None
 
     def _learn_baseline(self, reading: Reading) -> None:
@@ -201,6 +233,12 @@ class SloPacer:
             self.base_tpot = _ewma(self.base_tpot, reading.tpot)
         if self.bounds.baseline_ttft_ms is None and reading.ttft_p99 is not None:
             self.base_ttft = _ewma(self.base_ttft, reading.ttft_p99)
+        b = self.bounds
+        stated = getattr(b, "baseline_latency_ms", None) is not None or (
+            b.baseline_ttft_ms is not None and b.baseline_tpot_ms is not None
+        )
+        if not stated and reading.gw_latency_p99 is not None:
+            self.base_latency = _ewma(self.base_latency, reading.gw_latency_p99)
 
 
 class ServerView(Protocol):
@@ -273,20 +311,50 @@ class PoolLike(Protocol):
 class ModelPacer:
     """A pacer bound to a pool and model: the BatchRunner's one call."""
 
-    def __init__(self, pool: PoolLike, model: str, bounds: SloBounds) -> None:
+    def __init__(
+        self, pool: PoolLike, model: str, bounds: SloBounds, feed: GatewayFeed | None = None
+    ) -> None:
         self.pool = pool
         self.model = model
         self.bounds = bounds
         self.pacer = SloPacer(bounds)
         stale = float(getattr(pool.settings, "metrics_stale_seconds", 5.0))
         self.window = PoolWindow(bounds.window_s, stale)
+        self.feed = feed
 
     def limit(self, now: float | None = None) -> int:
         now = time.monotonic() if now is None else now
         reading = self.window.read(self.pool.replicas(self.model), now)
         if reading is not None:
-            self.pacer.observe(reading)
+            if self.feed is not None and self.feed.healthy:
+                self._add_streams(reading, now)
+            before = self.pacer.limit
+            after = self.pacer.observe(reading)
+            if after != before:
+                pressure = self.pacer.last_pressure
+                log.info(
+                    "slo %s: limit %d -> %d (pressure %s, from %s)",
+                    self.model,
+                    before,
+                    after,
+                    "none" if pressure is None else f"{pressure:.2f}",
+                    "gateway" if reading.gw_latency_p99 is not None else "vllm",
+                )
         return self.pacer.limit
+
+    def _add_streams(self, reading: Reading, now: float) -> None:
+        """The gateway's streams of the window, as p99s over requests."""
+        assert self.feed is not None
+        window = self.bounds.window_s
+        streams = self.feed.recent(self.model, now, window, MIN_STREAMS)
+        if not streams:
+            return
+        k = self.bounds.ratio_tokens
+        reading.gw_ttft_p99 = _p99([s.ttft_s for s in streams])
+        reading.gw_tpot_p99 = _p99([s.tpot_s for s in streams if s.tpot_s is not None])
+        reading.gw_latency_p99 = _p99([s.ttft_s + k * (s.tpot_s or 0.0) for s in streams])
+        if streams[-1].at >= now - window:
+            reading.busy = True  # interactive streams ended in the window
 
 
 # One pacer per (pool, model) per process: a batch runs as a chain of short
@@ -294,18 +362,34 @@ class ModelPacer:
 _PACERS: weakref.WeakKeyDictionary[object, dict[str, ModelPacer]] = weakref.WeakKeyDictionary()
 
 
-def pacer_for(pool: PoolLike, model: str, bounds: SloBounds) -> ModelPacer:
+def pacer_for(
+    pool: PoolLike, model: str, bounds: SloBounds, feed: GatewayFeed | None = None
+) -> ModelPacer:
     pacers = _PACERS.setdefault(pool, {})
     pacer = pacers.get(model)
     if pacer is None or pacer.bounds is not bounds:
-        pacer = pacers[model] = ModelPacer(pool, model, bounds)
+        pacer = pacers[model] = ModelPacer(pool, model, bounds, feed)
     return pacer
+
+
+def _p99(values: list[float]) -> float | None:
+    """Nearest-rank 99th percentile (of 40 values: the largest)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)]
 
 
 def _add(total: Histogram, newer: Histogram | None, older: Histogram | None) -> Histogram:
     if newer is None:
         return total
     return total.plus(newer.minus(older))
+
+
+def _over(measured: float | None, bound: float | None) -> float | None:
+    if measured is None or bound is None or bound <= 0:
+        return None
+    return measured / bound
 
 
 def _seconds(ms: float | None) -> float | None:

@@ -13,7 +13,7 @@ import typer
 from gateway.cli.common import console, engine, err_console
 from gateway.cli.supervisor import Supervisor, reuseport_supported
 from gateway.cli.tenants import keys_app, tenants_app
-from gateway.settings import get_settings
+from gateway.settings import Settings, get_settings
 
 app = typer.Typer(
     help="Bearpaw: an OpenAI-compatible LLM gateway.",
@@ -33,6 +33,18 @@ def db_upgrade() -> None:
     """Apply migrations up to the latest revision."""
     engine()
     console.print(f"database at latest revision: {get_settings().db_url}")
+
+
+def worker_env(settings: Settings, host: str, port: int) -> dict[str, str]:
+    """The embedded worker's environment: its SLO loop reads this gateway's
+    interactive streams unless a gateway URL is configured."""
+    env = dict(os.environ)
+    if not settings.workers.gateway_url:
+        reach = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        if ":" in reach and not reach.startswith("["):
+            reach = f"[{reach}]"
+        env["BEARPAW_WORKERS__GATEWAY_URL"] = f"http://{reach}:{port}"
+    return env
 
 
 def worker_command(concurrency: int) -> list[str]:
@@ -83,7 +95,9 @@ def serve(
         # pool children before its master (a master whose children die under it
         # hangs in warm shutdown); this process stops the worker as a whole.
         child = subprocess.Popen(
-            worker_command(settings.workers.concurrency), start_new_session=True
+            worker_command(settings.workers.concurrency),
+            start_new_session=True,
+            env=worker_env(settings, host or settings.host, port or settings.port),
         )
     options = {
         "loop": "uvloop",
