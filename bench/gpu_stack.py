@@ -16,7 +16,10 @@ Sub-commands (each prints tables; ``--out`` writes the rows as JSON):
                 naiveK   batch_concurrency K, no loop (what a fixed setting does)
                 fixedK   the same; a sweep of these is the oracle
                 sloR     the SLO loop (workers/slo_pacer.py) at ratio R to the
-                         unloaded latency measured in this trace's alone phase
+                         unloaded latency measured in this trace's alone phase,
+                         reading the gateway's own stream latencies
+                         (GET /admin/latency/streams) and vLLM's /metrics;
+                         --no-feed: /metrics only
     report    merges slo JSON files: per trace and phase, and one line per SLO
 
     python bench/gpu_stack.py start --vllm-url http://127.0.0.1:8000/v1
@@ -66,6 +69,7 @@ from slo_backfill import (  # noqa: E402
 )
 
 STATE = Path(os.environ.get("BEARPAW_GPU_STATE", "/tmp/bp/state.json"))
+BENCH_ADMIN_KEY = "bench-admin"
 
 
 # --------------------------------------------------------------------- start
@@ -80,6 +84,8 @@ def cmd_start(a: argparse.Namespace) -> None:
     extra = {
         "cache": {"enabled": True, "device": a.cache_device},
         "backends": {"http_engine": a.http_engine, "metrics_interval": 1.0},
+        # The worker's SLO loop reads the gateway's streams through the admin API.
+        "admin_key": BENCH_ADMIN_KEY,
     }
     config = gateway_config(data, models, cache=True, log_level="warning", extra=extra)
     key = create_key(data, config)
@@ -505,12 +511,16 @@ class StackBench(Bench):
     def worker_config(self, name: str, base: dict[str, float]) -> Path:
         config = yaml.safe_load(Path(self.state["config"]).read_text())
         config["cache"] = {"enabled": False}
+        config["log_level"] = "info"  # the SLO loop logs each limit change
         workers: dict[str, Any] = {
             "embedded": False,
             "concurrency": 1,
             # One task works the whole job: no drain to zero at chunk ends.
             "batch_chunk_lines": 100_000,
         }
+        if self.a.feed:
+            # As `bearpaw serve` sets it for an embedded worker.
+            workers["gateway_url"] = self.state["url"].removesuffix("/v1")
         if name.startswith(("naive", "fixed")):
             k = int(name.removeprefix("naive").removeprefix("fixed"))
             workers.update(
@@ -522,6 +532,8 @@ class StackBench(Bench):
                     "ratio": float(name[3:]),
                     "baseline_ttft_ms": base.get("ttft_ms"),
                     "baseline_tpot_ms": base.get("tpot_ms"),
+                    # The alone phase's p99 request, what the gateway's reading is set against.
+                    "baseline_latency_ms": base.get("latency_ms") if self.a.feed else None,
                     "ratio_tokens": self.a.max_tokens,
                     "max_concurrency": self.a.slo_max,
                     "window_s": self.a.slo_window,
@@ -652,6 +664,8 @@ async def slo_main(a: argparse.Namespace) -> None:
             after = await bench.scrape()
             if name == "alone":
                 base = await bench.baseline(before, after)
+                # The p99 request "x alone" is measured against (its client-side latency).
+                base["latency_ms"] = summary(phase, a.duration)["lat_p99"]
                 out["baseline"][trace] = base
             rows = windows(phase, a.window, a.duration)
             out["windows"].extend(rows)
@@ -836,6 +850,12 @@ def main() -> None:
         help="SLO phases: lines started per runner wake-up (1 staggers batch prefills)",
     )
     r.add_argument("--baseline-from", default=None, help="a JSON of an earlier slo run")
+    r.add_argument(
+        "--no-feed",
+        dest="feed",
+        action="store_false",
+        help="SLO loop on vLLM's /metrics only (not the gateway's own stream latencies)",
+    )
     r.add_argument("--out", default=None)
     rep = sub.add_parser("report")
     rep.add_argument("files", nargs="+")

@@ -254,7 +254,8 @@ class Pipeline:
             return
         tokens = meter.completion_tokens
         tpot = (last_at - first_at) / (tokens - 1) if tokens > 1 else None
-        self.stream_latencies.add(meter.model, first_at - meter.started, tpot, tokens)
+        duration = time.perf_counter() - meter.started
+        self.stream_latencies.add(meter.model, first_at - meter.started, tpot, tokens, duration)
 
     async def _outlive_client(
         self,

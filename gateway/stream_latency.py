@@ -31,6 +31,7 @@ class StreamSample:
     ttft_s: float  # request received -> first content chunk sent on
     tpot_s: float | None  # (last - first chunk) / (tokens - 1); None below 2 tokens
     tokens: int
+    duration_s: float  # request received -> stream ended
 
 
 class StreamLatencies:
@@ -40,9 +41,14 @@ class StreamLatencies:
         self._ring: deque[StreamSample] = deque(maxlen=size)
         self._seq = 0
 
-    def add(self, model: str, ttft_s: float, tpot_s: float | None, tokens: int) -> None:
+    def add(
+        self, model: str, ttft_s: float, tpot_s: float | None, tokens: int, duration_s: float
+    ) -> None:
         self._seq += 1
-        self._ring.append(StreamSample(self._seq, time.monotonic(), model, ttft_s, tpot_s, tokens))
+        sample = StreamSample(
+            self._seq, time.monotonic(), model, ttft_s, tpot_s, tokens, duration_s
+        )
+        self._ring.append(sample)
 
     @property
     def last_seq(self) -> int:

@@ -296,7 +296,7 @@ def test_stream_ring_reads_by_cursor_and_stays_bounded() -> None:
     ring = StreamLatencies(size=4)
     assert ring.after(0) == []
     for i in range(6):
-        ring.add("m", 0.01 * i, 0.005, 10)
+        ring.add("m", 0.01 * i, 0.005, 10, 0.06)
     assert ring.last_seq == 6
     # Only the newest 4 are kept; a reader that fell behind gets those.
     assert [s.seq for s in ring.after(0)] == [3, 4, 5, 6]
@@ -384,3 +384,55 @@ def test_model_pacer_reads_the_feed_streams() -> None:
     pacer.limit(200.0)
     # p99 of 50 by nearest rank is the 50th: the slow stream, 1.2 s of 0.7 allowed 1.05.
     assert pacer.pacer.last_pressure == pytest.approx((1.2 / 0.7 - 1) / 0.5)
+
+
+def test_model_pacer_judges_each_limit_on_streams_received_under_it() -> None:
+    from workers.slo_pacer import MIN_EVIDENCE, ModelPacer
+    from workers.stream_feed import GatewayFeed
+
+    pool = two_replica_pool()
+    a, b = pool.replicas("tiny")
+    feed = GatewayFeed("http://gw", None)
+    feed.healthy = True
+    bounds = SloTarget(ratio=1.5, baseline_latency_ms=700, window_s=3.0, min_concurrency=1)
+    pacer = ModelPacer(pool, "tiny", bounds, feed)
+    pacer.pacer.aimd.limit = 8
+    pacer.pacer.aimd.settle_ticks = 0
+    seq = 0
+
+    def streams(now: float, n: int, latency: float) -> None:
+        nonlocal seq
+        items = []
+        for _ in range(n):
+            seq += 1
+            tpot = (latency - 0.03) / 128
+            items.append(
+                {
+                    "seq": seq,
+                    "age_s": 0.0,
+                    "model": "tiny",
+                    "ttft_s": 0.03,
+                    "tpot_s": tpot,
+                    "tokens": 128,
+                    "duration_s": latency,
+                }
+            )
+        feed.ingest({"last_seq": seq, "data": items}, now)
+
+    def tick(now: float, own: int) -> int:
+        scrape(a, now, running=own, ttft=[0.02] * int(now), itl=[0.005] * int(now))
+        scrape(b, now, running=0, ttft=[], itl=[])
+        a.outstanding_at_scrape = own  # type: ignore[attr-defined]
+        return pacer.limit(now)
+
+    streams(100.0, 40, 0.70 * 1.7)  # over the bound
+    assert tick(100.0, own=8) == 4  # cut at once
+    # The slow streams are still in the window, but they began before the cut,
+    # and lines above the new limit still run: no second cut, a wait instead.
+    streams(101.0, MIN_EVIDENCE, 0.70 * 1.7)
+    assert tick(101.0, own=6) == 4
+    # The lines came down to the limit at 101: only streams received after count.
+    streams(102.0, MIN_EVIDENCE - 1, 0.70 * 1.1)
+    assert tick(102.0, own=4) == 4
+    streams(103.0, 1, 0.70 * 1.1)  # evidence enough: 20 % of 50 % allowed, climb
+    assert tick(103.0, own=4) == 5

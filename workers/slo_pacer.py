@@ -126,6 +126,11 @@ class AimdLimit:
 
 # Streams a gateway-measured p99 is read from at least (widening the window).
 MIN_STREAMS = 40
+# Streams received since the limit last changed (and the lines in flight came
+# down to it) that one decision needs: evidence of the load as it is now.
+# Without this, one slow stream read again and again in the widened window
+# cut the limit from 13 to 1 in three decisions (CPU rehearsal).
+MIN_EVIDENCE = 10
 
 
 @dataclass(slots=True)
@@ -141,6 +146,8 @@ class Reading:
     gw_ttft_p99: float | None = None
     gw_tpot_p99: float | None = None
     gw_latency_p99: float | None = None
+    # Interactive streams run, but too few began under the current limit.
+    pending: bool = False
 
 
 class SloPacer:
@@ -321,6 +328,8 @@ class ModelPacer:
         stale = float(getattr(pool.settings, "metrics_stale_seconds", 5.0))
         self.window = PoolWindow(bounds.window_s, stale)
         self.feed = feed
+        # Only streams the gateway received after this saw the current limit.
+        self._since = float("-inf")
 
     def limit(self, now: float | None = None) -> int:
         now = time.monotonic() if now is None else now
@@ -328,8 +337,14 @@ class ModelPacer:
         if reading is not None:
             if self.feed is not None and self.feed.healthy:
                 self._add_streams(reading, now)
+            if reading.pending and not self._far_inside(reading):
+                return self.pacer.limit  # wait for evidence under this limit
             before = self.pacer.limit
             after = self.pacer.observe(reading)
+            if after != before or reading.own > after:
+                # A new limit, or lines above it still running: the load
+                # the next decision judges begins now.
+                self._since = now
             if after != before:
                 pressure = self.pacer.last_pressure
                 log.info(
@@ -342,19 +357,31 @@ class ModelPacer:
                 )
         return self.pacer.limit
 
+    def _far_inside(self, reading: Reading) -> bool:
+        """Far below the bound even on streams from before the last change
+        (which saw fewer lines if it was a climb): climbing on them is safe,
+        and waiting for fresh ones at every step would take the loop tens of
+        seconds to reach its level."""
+        pressure = self.pacer.pressure(reading)
+        return pressure is not None and pressure < FAR_INSIDE * self.pacer.aimd.headroom
+
     def _add_streams(self, reading: Reading, now: float) -> None:
         """The gateway's streams of the window, as p99s over requests."""
         assert self.feed is not None
         window = self.bounds.window_s
-        streams = self.feed.recent(self.model, now, window, MIN_STREAMS)
-        if not streams:
-            return
+        if not self.feed.active(self.model, now, window):
+            return  # no interactive stream lately: vLLM's view decides
+        reading.busy = True
+        streams = self.feed.recent(self.model, now, window, MIN_STREAMS, self._since)
+        if len(streams) < MIN_EVIDENCE:
+            # Too few under this limit: the window as a whole, which only
+            # a clear "far inside" may act on (see limit()).
+            reading.pending = True
+            streams = self.feed.recent(self.model, now, window, MIN_STREAMS)
         k = self.bounds.ratio_tokens
         reading.gw_ttft_p99 = _p99([s.ttft_s for s in streams])
         reading.gw_tpot_p99 = _p99([s.tpot_s for s in streams if s.tpot_s is not None])
         reading.gw_latency_p99 = _p99([s.ttft_s + k * (s.tpot_s or 0.0) for s in streams])
-        if streams[-1].at >= now - window:
-            reading.busy = True  # interactive streams ended in the window
 
 
 # One pacer per (pool, model) per process: a batch runs as a chain of short

@@ -33,6 +33,7 @@ class Stream:
     ttft_s: float
     tpot_s: float | None
     tokens: int
+    started: float  # this process's time.monotonic() when the gateway received it
 
 
 class GatewayFeed:
@@ -83,30 +84,41 @@ class GatewayFeed:
             return
         for item in body.get("data", ()):
             self._after = max(self._after, int(item["seq"]))
-            stream = Stream(
-                now - float(item["age_s"]),
-                float(item["ttft_s"]),
-                item.get("tpot_s"),
-                int(item["tokens"]),
-            )
+            end = now - float(item["age_s"])
+            ttft, tpot, tokens = float(item["ttft_s"]), item.get("tpot_s"), int(item["tokens"])
+            duration = item.get("duration_s")
+            if duration is None:  # a gateway of before the field: its tokens' span
+                duration = ttft + (tpot or 0.0) * max(0, tokens - 1)
+            stream = Stream(end, ttft, tpot, tokens, end - float(duration))
             self._streams.setdefault(item["model"], deque()).append(stream)
         self._after = max(self._after, last)
         for streams in self._streams.values():
             while streams and streams[0].at < now - KEEP_S:
                 streams.popleft()
 
-    def recent(self, model: str, now: float, window_s: float, at_least: int) -> list[Stream]:
+    def recent(
+        self,
+        model: str,
+        now: float,
+        window_s: float,
+        at_least: int,
+        started_after: float = float("-inf"),
+    ) -> list[Stream]:
         """The streams of the last ``window_s``, or, where fewer than
         ``at_least`` ended in it, the last ``at_least`` of up to four windows
-        back: a p99 of a handful of requests is just their maximum."""
-        streams = self._streams.get(model)
-        if not streams:
-            return []
+        back (a p99 of a handful of requests is just their maximum); only
+        those the gateway received after ``started_after``."""
+        streams = [s for s in self._streams.get(model, ()) if s.started >= started_after]
         inside = [s for s in streams if s.at >= now - window_s]
         if len(inside) >= at_least:
             return inside
         wider = [s for s in streams if s.at >= now - 4 * window_s]
         return wider[-at_least:]
+
+    def active(self, model: str, now: float, window_s: float) -> bool:
+        """Whether an interactive stream of the model ended in the window."""
+        streams = self._streams.get(model)
+        return bool(streams) and streams[-1].at >= now - window_s
 
     async def aclose(self) -> None:
         if self._client is not None:

@@ -31,6 +31,7 @@ async def stream_latencies(
             "ttft_s": s.ttft_s,
             "tpot_s": s.tpot_s,
             "tokens": s.tokens,
+            "duration_s": s.duration_s,
         }
         for s in samples
         if model is None or s.model == model
