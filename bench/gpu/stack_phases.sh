@@ -2,9 +2,11 @@
 # Runs ON THE GPU MACHINE, in the repository root, after `device.sh stash` has
 # taken every carried piece but the last. The whole measurement of
 # bench/gpu_stack.py in three calls, each well inside the 10-minute limit:
-#   bash bench/gpu/stack_phases.sh boot     setup (last piece), vLLM, gateway, overhead, cache
-#   bash bench/gpu/stack_phases.sh steady   the steady trace: alone, oracle sweep, naive64, SLO loop
-#   bash bench/gpu/stack_phases.sh diurnal  the diurnal trace, then stops everything
+#   bash bench/gpu/stack_phases.sh boot      setup (last piece), vLLM, gateway, overhead, cache
+#   bash bench/gpu/stack_phases.sh steady    the steady trace: alone, oracle sweep, naive64, SLO loop
+#   bash bench/gpu/stack_phases.sh diurnal   the diurnal trace: alone, oracle sweep, naive64
+#   bash bench/gpu/stack_phases.sh diurnal2  the diurnal trace's SLO phases (baseline from
+#                                            diurnal.json), then stops everything
 # Every log and JSON goes to $OUT (the folder whose files come back); the
 # gateway and vLLM outlive a call (their own sessions) while the machine is warm.
 set -uo pipefail
@@ -26,15 +28,23 @@ boot() {
 }
 
 steady() {
-  $STACK slo --traces steady --phases alone,fixed2,fixed4,fixed8,naive64,slo1.1,slo1.5 \
+  $STACK slo --traces steady --phases alone,fixed1,fixed2,fixed4,fixed8,fixed12,naive64,slo1.1,slo1.5 \
     --duration 45 --out "$OUT/steady.json" 2>&1 | tee "$OUT/steady.log"
+  cp /tmp/bp/data/worker-slo*.log "$OUT/" 2>/dev/null
 }
 
 diurnal() {
-  $STACK slo --traces diurnal --phases alone,fixed4,fixed8,naive64,slo1.1,slo1.5 \
+  $STACK slo --traces diurnal --phases alone,fixed4,fixed8,fixed12,naive64 \
     --duration 60 --out "$OUT/diurnal.json" 2>&1 | tee "$OUT/diurnal.log"
+  cp "$OUT/diurnal.json" /tmp/bp/diurnal-alone.json
+}
+
+diurnal2() {
+  $STACK slo --traces diurnal --phases slo1.1,slo1.5 --baseline-from /tmp/bp/diurnal-alone.json \
+    --duration 60 --out "$OUT/diurnal2.json" 2>&1 | tee "$OUT/diurnal2.log"
+  for f in /tmp/bp/data/worker-slo*.log; do cp "$f" "$OUT/diurnal-$(basename "$f")"; done
   gzip -c /tmp/vllm.log > "$OUT/vllm_server.log.gz"
   bash "$HERE/device.sh" stop
 }
 
-"${1:?boot|steady|diurnal}"
+"${1:?boot|steady|diurnal|diurnal2}"
