@@ -10,6 +10,13 @@ with distinct questions, then measures, in one run:
 sequentially for per-lookup latency and with many concurrent lookups for
 throughput (where micro-batching of embeddings shows). Ratios are against the
 exact-hit path measured in the same run.
+
+The semantic throughput run also reports where the embedder thread's time goes
+per batch (model, vector search, tokenising the candidates, pair features,
+verifier) and CPU per lookup. ``--precomputed`` embeds that run's questions
+beforehand and has the model answer them from a table while it is measured:
+what remains is the cache's own cost (search, features, verifier, event
+loop), the part that decides the rate when the model runs on a GPU.
 """
 
 from __future__ import annotations
@@ -21,13 +28,17 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sqlalchemy import create_engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import cache.verifier as verifier_module  # noqa: E402
 from cache.config import CacheSettings  # noqa: E402
 from cache.embedder import Embedder  # noqa: E402
 from cache.keys import namespace_for  # noqa: E402
@@ -143,6 +154,83 @@ async def throughput(
     return len(reqs) / (time.perf_counter() - started), hits
 
 
+class Breakdown:
+    """Wall time per stage of the embedder thread's batches, from wrappers
+    around the cache's parts (a few hundred nanoseconds a call)."""
+
+    STAGES = ("model", "search", "features", "verifier MLP", "rest of after-batch")
+
+    def __init__(self, cache: SemanticCache) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.thread_cpu = 0.0
+        self.batches = 0
+        self.items = 0
+        self.on = False
+        batcher = cache._embedder
+        assert batcher is not None and cache._index is not None
+        model = batcher._embedder
+        model.encode = self._timed("model", model.encode)  # type: ignore[method-assign]
+        index = cache._index
+        index.search_many = self._timed("search", index.search_many)  # type: ignore[method-assign]
+        self._features = verifier_module.pair_feature_matrix
+        verifier_module.pair_feature_matrix = self._timed("features", self._features)
+        if cache._verifier is not None:
+            score = cache._verifier.score_pairs
+            cache._verifier.score_pairs = self._timed("verifier", score)  # type: ignore[method-assign]
+        assert batcher._after is not None
+        batcher._after = self._timed("after", batcher._after)
+        process = batcher._process
+
+        def processed(batch: list) -> Any:
+            cpu = time.thread_time()
+            try:
+                return self._timed("batch", process)(batch)
+            finally:
+                if self.on:
+                    self.thread_cpu += time.thread_time() - cpu
+                    self.batches += 1
+                    self.items += len(batch)
+
+        batcher._process = processed  # type: ignore[method-assign]
+
+    def _timed(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if self.on:
+                    self.seconds[name] += time.perf_counter() - started
+
+        return timed
+
+    def undo(self) -> None:
+        verifier_module.pair_feature_matrix = self._features
+
+    def report(self, wall: float, lookups: int) -> list[str]:
+        n = max(1, self.batches)
+        sec = self.seconds
+        stages = {
+            "model": sec["model"],
+            "search": sec["search"],
+            "features": sec["features"],
+            "verifier MLP": sec["verifier"] - sec["features"],
+            "rest of after-batch": sec["after"] - sec["search"] - sec["verifier"],
+        }
+        other = sec["batch"] - sec["model"] - sec["after"]
+        lines = [
+            f"  embedder thread: {self.batches} batches, {self.items / n:.0f} lookups a batch, "
+            f"{1000 * sec['batch'] / n:.2f} ms a batch, busy {sec['batch'] / wall:.0%} of the run, "
+            f"{1e6 * self.thread_cpu / max(1, lookups):.0f} us of its CPU per lookup"
+        ]
+        for name, value in [*stages.items(), ("batch bookkeeping", other)]:
+            lines.append(
+                f"    {name:<20}{1000 * value / n:>8.2f} ms a batch"
+                f"{1e6 * value / max(1, lookups):>8.1f} us a lookup"
+            )
+        return lines
+
+
 def ns_of(req: dict) -> str:
     return namespace_for("bench", "llama", req)
 
@@ -151,7 +239,15 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
-async def run(entries: int, lookups: int, concurrency: int, point: str) -> None:
+async def run(
+    entries: int,
+    lookups: int,
+    concurrency: int,
+    point: str,
+    latency_lookups: int | None = None,
+    precomputed: bool = False,
+) -> None:
+    latency_lookups = lookups if latency_lookups is None else min(lookups, latency_lookups)
     with tempfile.TemporaryDirectory() as tmp:
         engine = create_engine(f"sqlite:///{tmp}/bench.db")
         cache = SemanticCache(CacheSettings(sweep_interval_s=3600), engine)
@@ -176,12 +272,32 @@ async def run(entries: int, lookups: int, concurrency: int, point: str) -> None:
         misses = [chat(q) for q in unrelated[:lookups]]
         rows = []
         for name, reqs in (("exact hit", exact), ("semantic hit", semantic), ("miss", misses)):
-            lat, hits = await timed(cache, reqs, point)
+            lat, hits = await timed(cache, reqs[:latency_lookups], point)
             rows.append((name, lat, hits))
         # Throughput runs use fresh rewordings so no embedding comes from the memo.
         more = [chat(reworded(stored[i], k).replace(" ", "  ", 1)) for k, i in enumerate(picks)]
+        assert cache._embedder is not None
+        model = cache._embedder._embedder
+        if precomputed:
+            texts = [m["messages"][-1]["content"] for m in more]
+            table = dict(zip(texts, model.encode(texts, 32), strict=True))
+            encode = model.encode
+
+            def from_table(texts: list[str], batch_size: int = 64) -> np.ndarray:
+                if texts and all(t in table for t in texts):
+                    return np.vstack([table[t] for t in texts])
+                return encode(texts, batch_size)
+
+            model.encode = from_table  # type: ignore[method-assign]
+        breakdown = Breakdown(cache)
         exact_rps, _ = await throughput(cache, exact, point, concurrency)
+        breakdown.on = True
+        started, loop_cpu, proc_cpu = time.perf_counter(), time.thread_time(), time.process_time()
         sem_rps, sem_hits = await throughput(cache, more, point, concurrency)
+        wall = time.perf_counter() - started
+        loop_cpu, proc_cpu = time.thread_time() - loop_cpu, time.process_time() - proc_cpu
+        breakdown.on = False
+        breakdown.undo()
         stats = cache.stats()
         await cache.close()
     # The ceiling under both: every semantic lookup embeds its question once, so
@@ -208,8 +324,14 @@ async def run(entries: int, lookups: int, concurrency: int, point: str) -> None:
     print(f"  exact hits    {exact_rps:>9.0f} lookups/s")
     print(
         f"  semantic path {sem_rps:>9.0f} lookups/s  (hit rate {sem_hits / len(more):.2f}, "
-        f"{sem_rps * sem_hits / len(more):.0f} hits/s)"
+        f"{sem_rps * sem_hits / len(more):.0f} hits/s"
+        + (", model answered from a precomputed table)" if precomputed else ")")
     )
+    print(
+        f"  semantic path CPU per lookup: event loop {1e6 * loop_cpu / len(more):.0f} us, "
+        f"process {1e6 * proc_cpu / len(more):.0f} us"
+    )
+    print("\n".join(breakdown.report(wall, len(more))))
     print(f"  embedding batches so far: {stats['embed_batches']}")
     print(
         f"  embedder alone ({embedder.runtime}, batches of 32): {embed_rps:.0f} texts/s, "
@@ -223,8 +345,28 @@ def main() -> None:
     parser.add_argument("--lookups", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--operating-point", default="balanced")
+    parser.add_argument(
+        "--latency-lookups",
+        type=int,
+        default=None,
+        help="lookups per path in the sequential latency runs (default: --lookups)",
+    )
+    parser.add_argument(
+        "--precomputed",
+        action="store_true",
+        help="embed the semantic throughput run's questions beforehand: the cache's own cost",
+    )
     args = parser.parse_args()
-    asyncio.run(run(args.entries, args.lookups, args.concurrency, args.operating_point))
+    asyncio.run(
+        run(
+            args.entries,
+            args.lookups,
+            args.concurrency,
+            args.operating_point,
+            args.latency_lookups,
+            args.precomputed,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -34,6 +34,13 @@ class CacheSettings(BaseModel):
     batch_max_wait_ms: float = 0.0
     # Use a FAISS GPU index when faiss-gpu and a GPU are present.
     use_gpu: bool = True
+    # Threads for the cache's numeric work around the model (FAISS search,
+    # numpy's BLAS for the verifier; torch's CPU pool when the embedder is on a
+    # GPU): idle pools of these libraries spin and take the cores the event
+    # loop and the model need (cache/threads.py). None keeps the libraries'
+    # defaults (one thread per core). The CPU embedder's own pool is not
+    # affected.
+    numeric_threads: int | None = 1
     # Vector-search candidates handed to the verifier per lookup.
     search_k: int = 4
     # The trained verifier (cache/data/verifier.npz when None). Without a

@@ -90,6 +90,9 @@ class Embedder:
         if dim_of is None:
             dim_of = self._model.get_sentence_embedding_dimension
         self.dim = int(dim_of())
+        # Where the model really runs ("cpu", "cuda", ...): device None lets
+        # sentence-transformers choose.
+        self.device_type = "cpu" if self._onnx is not None else str(self._model.device.type)
 
     def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """Embed texts as L2-normalised float32 rows (inner product == cosine)."""

@@ -20,6 +20,7 @@ _NEGATIONS = frozenset(
     {"not", "no", "never", "none", "nothing", "nobody", "neither", "nor", "without"}
 )
 _WH_WORDS = ("what", "why", "how", "when", "where", "who", "which", "whom", "whose", "is", "can")
+_WH_SET = frozenset(_WH_WORDS)
 _STOPWORDS = frozenset(
     "a an the of to in on for at by with and or is are was were be been am do does did i"
     " you he she it we they my your me our this that these those what how why when where"
@@ -60,30 +61,60 @@ class TextInfo:
         "caps",
         "negations",
         "wh",
+        "sizes",
     )
 
     def __init__(self, text: str) -> None:
         self.lower = " ".join(text.lower().split())
-        self.tokens = _TOKEN.findall(self.lower)
-        self.token_set = frozenset(self.tokens)
+        tokens = self.tokens = _TOKEN.findall(self.lower)
+        self.token_set = frozenset(tokens)
         # Set arithmetic instead of a generator: the same set, a fraction of the cost.
         self.content = self.token_set - _STOPWORDS
-        self.bigrams = frozenset(zip(self.tokens, self.tokens[1:], strict=False))
-        squeezed = " ".join(self.tokens)
-        self.char3 = frozenset([squeezed[i : i + 3] for i in range(max(0, len(squeezed) - 2))])
+        self.bigrams = frozenset(zip(tokens, tokens[1:], strict=False))
+        # Character trigrams of the tokens joined by spaces, each as the
+        # integer of its three bytes (the tokens are ASCII): the same sets as
+        # of 3-character strings, intersected about twice as fast, and kept
+        # for every cache entry in about half the memory.
+        squeezed = " ".join(tokens).encode("ascii")
+        if len(squeezed) >= 3:
+            b = np.frombuffer(squeezed, dtype=np.uint8).astype(np.int32)
+            self.char3 = frozenset(((b[:-2] << 16) | (b[1:-1] << 8) | b[2:]).tolist())
+        else:
+            self.char3 = frozenset()
         self.numbers = frozenset(n.replace(",", "") for n in _NUMBER.findall(text))
         # The first word is capitalised by grammar, not because it is a name.
-        words = text.split()
-        rest = " ".join(words[1:]) if words else ""
+        # (What follows the first word as it stands: the pattern cannot match
+        # whitespace, so it finds what it found in the words re-joined by one
+        # space.)
+        words = text.split(None, 1)
+        rest = words[1] if len(words) > 1 else ""
         self.caps = frozenset(c.lower() for c in _CAPITALISED.findall(rest))
-        self.negations = sum(1 for t in self.tokens if t in _NEGATIONS or t.endswith("n't"))
-        self.wh = next((t for t in self.tokens if t in _WH_WORDS), "")
+        # No negation word ends in "n't", so the two counts add up; and a
+        # token ending in "n't" is in the text.
+        negations = sum(map(_NEGATIONS.__contains__, tokens))
+        if "n't" in self.lower:
+            negations += sum(t.endswith("n't") for t in tokens)
+        self.negations = negations
+        self.wh = next((t for t in tokens if t in _WH_SET), "")
+        # What lexical_matrix needs of each side, gathered once per text.
+        self.sizes = (
+            len(self.lower),
+            len(tokens),
+            len(self.token_set),
+            len(self.content),
+            len(self.bigrams),
+            len(self.char3),
+            len(self.numbers),
+            len(self.caps),
+            negations > 0,
+        )
 
 
 # np.log1p of the small counts the features take, looked up: numpy's scalar
 # call costs about a microsecond, three times per candidate of every lookup
 # (math.log1p is cheaper but differs from numpy's in the last bit).
 _LOG1P = [float(np.log1p(i)) for i in range(512)]
+_LOG1P_ARRAY = np.asarray(_LOG1P, dtype=np.float64)
 
 
 def _log1p(n: int) -> float:
@@ -129,6 +160,79 @@ def lexical_features(a: TextInfo, b: TextInfo) -> list[float]:
     ]
 
 
+def _log1p_many(n: np.ndarray) -> np.ndarray:
+    """``_log1p`` of each count: the same table, the same fallback."""
+    out = _LOG1P_ARRAY[np.minimum(n, len(_LOG1P) - 1)]
+    big = np.flatnonzero(n >= len(_LOG1P))
+    for i in big.tolist():
+        out[i] = _log1p(int(n[i]))
+    return out
+
+
+def _jaccard_many(both: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    union = x + y - both
+    # Integer counts divided in float64, as Python divides two ints: the same bits.
+    return np.divide(both, union, out=np.ones(len(both)), where=union > 0)
+
+
+def _ratio_many(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    big = np.maximum(x, y)
+    return np.divide(np.minimum(x, y), big, out=np.ones(len(big)), where=big > 0)
+
+
+def lexical_matrix(infos_a: list[TextInfo], infos_b: list[TextInfo]) -> np.ndarray:
+    """``lexical_features`` of ``infos_a[i]`` and ``infos_b[i]`` as row ``i``
+    (float64): the same numbers, with Python left only for what needs the
+    sets themselves (six intersection sizes and two string comparisons a
+    pair); every ratio, logarithm and flag is computed for all pairs at once."""
+    n = len(infos_a)
+    if n == 0:
+        return np.zeros((0, len(LEXICAL_NAMES)))
+    # One loop, one tuple a pair: the intersections and the comparisons that
+    # cannot be had from sizes.
+    both = np.array(
+        [
+            (
+                len(a.token_set & b.token_set),
+                len(a.content & b.content),
+                len(a.bigrams & b.bigrams),
+                len(a.char3 & b.char3),
+                len(a.numbers & b.numbers) if a.numbers and b.numbers else 0,
+                len(a.caps & b.caps) if a.caps and b.caps else 0,
+                a.wh != b.wh,
+                a.lower == b.lower,
+            )
+            for a, b in zip(infos_a, infos_b, strict=True)
+        ],
+        dtype=np.int64,
+    )
+    sa = np.array([a.sizes for a in infos_a], dtype=np.int64)
+    sb = np.array([b.sizes for b in infos_b], dtype=np.int64)
+    # Columns of sizes: 0 chars, 1 tokens, 2 token set, 3 content, 4 bigrams,
+    # 5 char3, 6 numbers, 7 caps, 8 has a negation.
+    content_diff = sa[:, 3] + sb[:, 3] - 2 * both[:, 1]
+    numbers_diff = sa[:, 6] + sb[:, 6] - 2 * both[:, 4]
+    caps_diff = sa[:, 7] + sb[:, 7] - 2 * both[:, 5]
+    out = np.empty((n, len(LEXICAL_NAMES)))
+    out[:, 0] = _jaccard_many(both[:, 0], sa[:, 2], sb[:, 2])
+    out[:, 1] = _jaccard_many(both[:, 1], sa[:, 3], sb[:, 3])
+    out[:, 2] = _jaccard_many(both[:, 2], sa[:, 4], sb[:, 4])
+    out[:, 3] = _jaccard_many(both[:, 3], sa[:, 5], sb[:, 5])
+    out[:, 4] = _ratio_many(sa[:, 0], sb[:, 0])
+    out[:, 5] = _ratio_many(sa[:, 1], sb[:, 1])
+    out[:, 6] = _log1p_many(np.minimum(sa[:, 1], sb[:, 1]))
+    out[:, 7] = _log1p_many(content_diff)
+    # Two sets differ exactly when their symmetric difference is not empty.
+    out[:, 8] = numbers_diff > 0
+    out[:, 9] = _log1p_many(numbers_diff)
+    out[:, 10] = caps_diff > 0
+    out[:, 11] = _jaccard_many(both[:, 5], sa[:, 7], sb[:, 7])
+    out[:, 12] = sa[:, 8] != sb[:, 8]
+    out[:, 13] = both[:, 6]
+    out[:, 14] = both[:, 7]
+    return out
+
+
 def pair_features(u: np.ndarray, v: np.ndarray, a: TextInfo, b: TextInfo) -> np.ndarray:
     """Feature row for one pair of unit embeddings and their texts.
 
@@ -161,9 +265,9 @@ def pair_feature_matrix(
     u: np.ndarray, v: np.ndarray, infos_a: list[TextInfo], infos_b: list[TextInfo]
 ) -> np.ndarray:
     """``pair_features`` for row ``i`` of ``u`` and ``v`` with ``infos_a[i]`` and
-    ``infos_b[i]``, stacked: the embedding columns are computed for all pairs
-    at once, so a batch of lookups pays the Python cost of the lexical
-    features only."""
+    ``infos_b[i]``, stacked: every column is computed for all pairs at once
+    (``lexical_matrix``), so a batch of lookups pays Python only for the set
+    intersections."""
     n = len(infos_a)
     dim = u.shape[1] if u.ndim == 2 else 0
     out = np.empty((n, 2 + len(LEXICAL_NAMES) + 2 * dim), dtype=np.float32)
@@ -176,7 +280,10 @@ def pair_feature_matrix(
     out[:, 0] = cosine
     out[:, 1] = cosine * cosine
     head = 2 + len(LEXICAL_NAMES)
-    out[:, 2:head] = [lexical_features(a, b) for a, b in zip(infos_a, infos_b, strict=True)]
-    np.abs(u - v, out=out[:, head : head + dim])
+    out[:, 2:head] = lexical_matrix(infos_a, infos_b)
+    # In place: no (pairs x dim) temporaries, the same float32 results.
+    diff = out[:, head : head + dim]
+    np.subtract(u, v, out=diff)
+    np.abs(diff, out=diff)
     np.multiply(u, v, out=out[:, head + dim :])
     return out

@@ -14,7 +14,9 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from sqlalchemy.engine import Engine
@@ -28,6 +30,7 @@ from cache.features import TextInfo
 from cache.index import SemanticIndex
 from cache.judge import answers_match, is_deterministic
 from cache.keys import canonical_hash, query_text
+from cache.threads import blas_limiter, limit_torch_threads
 from cache.verifier import Verifier
 
 log = logging.getLogger(__name__)
@@ -106,6 +109,7 @@ class SemanticCache:
         self._sweeper: asyncio.Task[None] | None = None
         self._write_lock = asyncio.Lock()
         self._closed_batches = 0
+        self._numeric_limit: Callable[[], AbstractContextManager[Any]] = nullcontext
         self.calibration = CalibrationBook(engine)
         self._scorer = ""
         self._counters = dict.fromkeys(
@@ -136,7 +140,10 @@ class SemanticCache:
         self._verifier = await asyncio.to_thread(self._load_verifier)
         self._scorer = self._scorer_name()
         await self.calibration.load()
-        self._index = SemanticIndex(embedder.dim, use_gpu=self.settings.use_gpu)
+        threads = self.settings.numeric_threads
+        self._index = SemanticIndex(embedder.dim, use_gpu=self.settings.use_gpu, threads=threads)
+        self._numeric_limit = blas_limiter(threads)
+        limit_torch_threads(threads, embedder.device_type)
         await self._rebuild(embedder)
         self._embedder = BatchEmbedder(
             embedder,
@@ -334,7 +341,16 @@ class SemanticCache:
 
         A candidate's score does not depend on the other candidates, so
         scoring all of them here and dropping dead ones on the loop picks the
-        same best entry as scoring only the live ones."""
+        same best entry as scoring only the live ones.
+
+        The BLAS pools are capped meanwhile (``numeric_threads``): not the
+        model's forward pass, which has run by now."""
+        with self._numeric_limit():
+            return self._search_batch_limited(vectors, jobs)
+
+    def _search_batch_limited(
+        self, vectors: np.ndarray, jobs: list[tuple[str, str]]
+    ) -> list[list[tuple[str, float, float | None]]]:
         assert self._index is not None
         found = self._index.search_many(
             [namespace for namespace, _ in jobs],

@@ -72,9 +72,19 @@ class Verifier:
 
     def predict_features(self, features: np.ndarray) -> np.ndarray:
         """Probability of "same question" for each feature row."""
-        x = (np.atleast_2d(features).astype(np.float32) - self.mean) / self.scale
+        return self._predict_owned(np.atleast_2d(features).astype(np.float32))
+
+    def _predict_owned(self, x: np.ndarray) -> np.ndarray:
+        """``predict_features`` of a float32 matrix the caller gives up: it is
+        standardised in place. The same operations as written out with
+        temporaries, so the same bits, without allocating a copy of the
+        (rows x features) matrix per step."""
+        x -= self.mean
+        x /= self.scale
         for w, b in self.hidden:
-            x = np.maximum(x @ w + b, 0.0)
+            x = x @ w
+            x += b
+            np.maximum(x, 0.0, out=x)
         logits = x @ self.out_w + self.out_b
         # Clipped: far-out logits would overflow exp() for no change in the result.
         return 1.0 / (1.0 + np.exp(-np.clip(logits.astype(np.float64), -50.0, 50.0)))
@@ -104,7 +114,8 @@ class Verifier:
         one pair at a time, in one feature build and one MLP call."""
         if not cand_infos:
             return np.zeros(0)
-        return self.predict_features(
+        # The feature matrix is built here for this call alone: scored in place.
+        return self._predict_owned(
             pair_feature_matrix(query_vecs, cand_vecs, query_infos, cand_infos)
         )
 

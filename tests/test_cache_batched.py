@@ -250,3 +250,98 @@ def test_pair_feature_matrix_stacks_pair_features() -> None:
     assert got.shape == want.shape and got.dtype == np.float32
     np.testing.assert_array_equal(got[:, 2:], want[:, 2:])
     np.testing.assert_allclose(got[:, :2], want[:, :2], atol=1e-6)
+
+
+def _edge_texts() -> list[str]:
+    texts = stored_texts()[:80] + [q for _, q in query_texts(stored_texts())[-40:]]
+    texts += [
+        "",
+        " ",
+        "ab",
+        "Not NASA's 3,400 U.S. rockets in 2015?",
+        "isn't it 2016 at NASA",
+        "Why  don't\tI   Know  NOT Paris\nor\u00a0London?",
+        "  leading   and trailing   Spaces  ",
+        "Ünïcode Café in São Paulo, 1.5 or 1,500?",
+        " ".join(f"w{i}" for i in range(600)),  # counts past the log1p table
+        " ".join(f"N{i}" for i in range(300)) + " " + " ".join(str(i) for i in range(600)),
+    ]
+    return texts
+
+
+def test_text_info_matches_its_definition() -> None:
+    """TextInfo's faster spellings (trigrams as integers, the rest of the
+    text after the first word, negations counted in two parts) give the sets
+    and counts of the plain definitions."""
+    import re
+
+    from cache.features import _CAPITALISED, _NEGATIONS, TextInfo
+
+    for text in _edge_texts():
+        info = TextInfo(text)
+        squeezed = " ".join(info.tokens)
+        trigrams = {squeezed[i : i + 3] for i in range(max(0, len(squeezed) - 2))}
+        assert info.char3 == {int.from_bytes(t.encode("ascii"), "big") for t in trigrams}
+        words = text.split()
+        rest = " ".join(words[1:]) if words else ""
+        assert info.caps == {c.lower() for c in _CAPITALISED.findall(rest)}
+        assert info.negations == sum(1 for t in info.tokens if t in _NEGATIONS or t.endswith("n't"))
+        assert info.tokens == re.findall(r"[a-z0-9]+(?:'[a-z]+)?", " ".join(text.lower().split()))
+
+
+def test_lexical_matrix_equals_lexical_features() -> None:
+    """The batched lexical features are the per-pair ones, bit for bit."""
+    from cache.features import TextInfo, lexical_features, lexical_matrix
+
+    infos = [TextInfo(t) for t in _edge_texts()]
+    rng = np.random.default_rng(5)
+    a = [infos[i] for i in rng.integers(0, len(infos), 600)] + infos
+    b = [infos[i] for i in rng.integers(0, len(infos), 600)] + infos[::-1]
+    got = lexical_matrix(a, b)
+    want = np.array([lexical_features(x, y) for x, y in zip(a, b, strict=True)])
+    assert got.dtype == np.float64 and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+    assert lexical_matrix([], []).shape == (0, want.shape[1])
+
+
+def test_score_pairs_equals_score_one_by_one() -> None:
+    """Scoring a batch in place gives Verifier.score's probabilities (one row
+    against many in a matrix product may round differently in BLAS)."""
+    from cache.features import TextInfo
+    from cache.verifier import Verifier
+
+    verifier = Verifier.load()
+    texts = _edge_texts()
+    rng = np.random.default_rng(9)
+    u = rng.normal(size=(len(texts), 384)).astype(np.float32)
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    v = (u + 0.3 * rng.normal(size=u.shape)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    order = rng.permutation(len(texts))
+    infos = [TextInfo(t) for t in texts]
+    got = verifier.score_pairs(u, infos, v[order], [infos[j] for j in order])
+    want = [
+        verifier.score(u[i], texts[i], v[order[i]][None, :], [texts[order[i]]])[0]
+        for i in range(len(texts))
+    ]
+    np.testing.assert_allclose(got, np.asarray(want), rtol=0, atol=1e-6)
+
+
+def test_numeric_threads_cap_the_blas_pools_during_a_batch() -> None:
+    from threadpoolctl import threadpool_info
+
+    from cache.threads import blas_limiter, limit_torch_threads
+
+    def blas_threads() -> list[int]:
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    before = blas_threads()
+    with blas_limiter(1)():
+        assert set(blas_threads()) <= {1}
+    assert blas_threads() == before
+    with blas_limiter(None)():
+        assert blas_threads() == before
+    # On the CPU torch's pool runs the model: never capped.
+    assert limit_torch_threads(1, "cpu") is False
+    assert SemanticIndex(8, threads=1)._threads == 1
+    assert SemanticIndex(8)._threads == index_module._OMP_THREADS
