@@ -25,6 +25,8 @@ boot() {
   $STACK start 2>&1 | tee -a "$OUT/setup.log" || return 1
   $STACK overhead --out "$OUT/overhead.json" 2>&1 | tee "$OUT/overhead.log"
   $STACK cache --lookups 20000 --out "$OUT/cache.json" 2>&1 | tee "$OUT/cache.log"
+  $STACK cache --lookups 20000 --namespaces 1 --concurrency 1024 --out "$OUT/cache_1024.json" \
+    2>&1 | tee "$OUT/cache_1024.log"
 }
 
 steady() {
