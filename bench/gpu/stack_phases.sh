@@ -7,6 +7,7 @@
 #   bash bench/gpu/stack_phases.sh diurnal   the diurnal trace: alone, oracle sweep, naive64
 #   bash bench/gpu/stack_phases.sh diurnal2  the diurnal trace's SLO phases (baseline from
 #                                            diurnal.json), then stops everything
+#   bash bench/gpu/stack_phases.sh cacheonly setup of Bearpaw's wheels alone, the cache measurements
 # Every log and JSON goes to $OUT (the folder whose files come back); the
 # gateway and vLLM outlive a call (their own sessions) while the machine is warm.
 set -uo pipefail
@@ -24,6 +25,14 @@ boot() {
   [ $rc = 0 ] || return 1
   $STACK start 2>&1 | tee -a "$OUT/setup.log" || return 1
   $STACK overhead --out "$OUT/overhead.json" 2>&1 | tee "$OUT/overhead.log"
+  $STACK cache --lookups 20000 --out "$OUT/cache.json" 2>&1 | tee "$OUT/cache.log"
+  $STACK cache --lookups 20000 --namespaces 1 --concurrency 1024 --out "$OUT/cache_1024.json" \
+    2>&1 | tee "$OUT/cache_1024.log"
+}
+
+cacheonly() {
+  # No vLLM: Bearpaw's wheels only (pack.sh BP_ONLY=1), then the cache measurements.
+  bash "$HERE/device.sh" setup 2>&1 | tee "$OUT/setup.log" || return 1
   $STACK cache --lookups 20000 --out "$OUT/cache.json" 2>&1 | tee "$OUT/cache.log"
   $STACK cache --lookups 20000 --namespaces 1 --concurrency 1024 --out "$OUT/cache_1024.json" \
     2>&1 | tee "$OUT/cache_1024.log"
@@ -49,4 +58,4 @@ diurnal2() {
   bash "$HERE/device.sh" stop
 }
 
-"${1:?boot|steady|diurnal|diurnal2}"
+"${1:?boot|steady|diurnal|diurnal2|cacheonly}"
