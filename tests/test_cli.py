@@ -79,3 +79,20 @@ def test_cache_eval_prints_operating_points(tmp_path):
 def test_cache_purge_unknown_tenant_is_an_error(tmp_path):
     r = bearpaw(tmp_path, "cache", "purge", "nobody")
     assert r.returncode == 1 and "no tenant" in r.stderr
+
+
+def test_serve_points_its_embedded_worker_at_itself(monkeypatch):
+    """`bearpaw serve` gives its worker this gateway's URL for the SLO loop's
+    stream latencies, unless one is configured."""
+    from gateway.cli.main import worker_env
+    from gateway.settings import Settings
+
+    monkeypatch.delenv("BEARPAW_WORKERS__GATEWAY_URL", raising=False)
+    env = worker_env(Settings(), "0.0.0.0", 8080)
+    assert env["BEARPAW_WORKERS__GATEWAY_URL"] == "http://127.0.0.1:8080"
+    assert worker_env(Settings(), "::1", 9)["BEARPAW_WORKERS__GATEWAY_URL"] == "http://[::1]:9"
+    assert worker_env(Settings(), "10.0.0.5", 9)["BEARPAW_WORKERS__GATEWAY_URL"] == (
+        "http://10.0.0.5:9"
+    )
+    configured = Settings(workers={"gateway_url": "http://gw.internal:8000"})
+    assert "BEARPAW_WORKERS__GATEWAY_URL" not in worker_env(configured, "0.0.0.0", 8080)
