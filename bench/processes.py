@@ -21,7 +21,10 @@ wait on; `--database-url` points the usage records at PostgreSQL instead.
 monthly budget, so every request runs its admission through Redis and its
 spend through Redis's counters: the configuration that keeps processes
 consistent. "CPU us/req" is the CPU time of the whole process tree
-(supervisor and workers, all threads, from /proc) per request served.
+(supervisor and workers, all threads, from /proc) per request served; the
+upstream's and wrk's are beside it, and "cores used" is all three together
+per second: at 2.0 the box is full, and what the upstream and wrk take at a
+higher rate is CPU the second gateway process cannot have.
 """
 
 from __future__ import annotations
@@ -29,11 +32,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -155,13 +160,32 @@ class Served:
                 pass
 
 
-def measure(served: Served, c: int, seconds: float, warmup: float) -> tuple[LoadResult, float]:
+@dataclass
+class Cell:
+    run: LoadResult
+    gateway_us: float  # CPU of the gateway's process tree per request
+    upstream_us: float  # of the zero-delay upstream
+    wrk_us: float  # of the load generator
+    cores: float  # all three together, CPU-seconds per second of the run
+
+
+def measure(served: Served, upstream: int, c: int, seconds: float, warmup: float) -> Cell:
+    """One cell, with the CPU each party used: on a box whose cores the
+    gateway shares with the upstream and wrk, what they take (it grows with
+    the rate) is what a second gateway process cannot have."""
     wrk(served.url, BODY, c, warmup, served.key)
     pids = tree(served.popen.pid)
-    before = tree_cpu(pids)
+    before, up_before = tree_cpu(pids), tree_cpu([upstream])
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.monotonic()
     run = wrk(served.url, BODY, c, seconds, served.key)
-    cpu = tree_cpu(pids) - before
-    return run, (1e6 * cpu / run.requests if run.requests else 0.0)
+    wall = time.monotonic() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    gateway = tree_cpu(pids) - before
+    up = tree_cpu([upstream]) - up_before
+    load = (after.ru_utime - kids.ru_utime) + (after.ru_stime - kids.ru_stime)
+    n = run.requests or 1
+    return Cell(run, 1e6 * gateway / n, 1e6 * up / n, 1e6 * load / n, (gateway + up + load) / wall)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -183,14 +207,15 @@ def main(argv: list[str] | None = None) -> None:
     models = [{"name": "bench", "replicas": [{"url": f"http://127.0.0.1:{up_port}/v1"}]}]
     counts = [int(x) for x in args.processes.split(",")]
     conc = [int(x) for x in args.concurrency.split(",")]
-    results: dict[tuple[int, int], tuple[LoadResult, float]] = {}
+    results: dict[tuple[int, int], Cell] = {}
     try:
         for n in counts:
             served = Served(n, models, args.shared, args.database_url)
             try:
                 for c in conc:
-                    run, us = measure(served, c, args.seconds, args.warmup)
-                    results[(n, c)] = (run, us)
+                    cell = measure(served, upstream.popen.pid, c, args.seconds, args.warmup)
+                    results[(n, c)] = cell
+                    run = cell.run
                     print(
                         json.dumps(
                             {
@@ -199,7 +224,10 @@ def main(argv: list[str] | None = None) -> None:
                                 "rps": run.rps,
                                 "p50_ms": run.p50_ms,
                                 "p99_ms": run.p99_ms,
-                                "cpu_us_per_req": round(us, 1),
+                                "cpu_us_per_req": round(cell.gateway_us, 1),
+                                "upstream_us_per_req": round(cell.upstream_us, 1),
+                                "wrk_us_per_req": round(cell.wrk_us, 1),
+                                "cores_used": round(cell.cores, 2),
                                 "errors": run.errors,
                             }
                         ),
@@ -213,10 +241,37 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for n in counts:
         for c in conc:
-            run, us = results[(n, c)]
-            ratio = run.rps / results[(base, c)][0].rps if results[(base, c)][0].rps else 0.0
-            rows.append([n, c, run.p50_ms, run.p99_ms, run.rps, us, ratio, run.errors])
-    headers = ["processes", "conc.", "p50 ms", "p99 ms", "RPS", "CPU us/req", "RPS vs 1", "errors"]
+            cell = results[(n, c)]
+            run = cell.run
+            ratio = run.rps / results[(base, c)].run.rps if results[(base, c)].run.rps else 0.0
+            rows.append(
+                [
+                    n,
+                    c,
+                    run.p50_ms,
+                    run.p99_ms,
+                    run.rps,
+                    cell.gateway_us,
+                    cell.upstream_us,
+                    cell.wrk_us,
+                    cell.cores,
+                    ratio,
+                    run.errors,
+                ]
+            )
+    headers = [
+        "processes",
+        "conc.",
+        "p50 ms",
+        "p99 ms",
+        "RPS",
+        "CPU us/req",
+        "upstream us/req",
+        "wrk us/req",
+        "cores used",
+        "RPS vs 1",
+        "errors",
+    ]
     state = f"limits.redis_url {args.shared} (RPM limit + budget counted in Redis)"
     db = args.database_url.split("@")[-1] if args.database_url else "SQLite"
     print(
@@ -227,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     print(markdown_table(headers, rows))
     if base == 1 and 2 in counts:
         for c in conc:
-            ratio = results[(2, c)][0].rps / results[(1, c)][0].rps
+            ratio = results[(2, c)].run.rps / results[(1, c)].run.rps
             verdict = "met" if ratio >= 1.7 else "NOT met"
             print(f"goal 2 processes >= 1.7x one, c={c}: {ratio:.2f}x: {verdict}")
 

@@ -907,8 +907,13 @@ def test_cache_hits_answer_messages_plain_and_streamed(vllm_server, tmp_path):
             live = stream.get_final_message()
             assert stream.response.headers["x-bearpaw-cache"] == "miss"
         assert (live.stop_reason, live.stop_sequence) == ("stop_sequence", stop)
-        time.sleep(0.5)  # the cache store runs after the answer
+        # The cache store runs after the streamed answer: wait for it (a request
+        # that comes too early is a miss, answered and stored again).
+        deadline = time.monotonic() + 30
         plain_hit = cached.messages.with_raw_response.create(**stopped)
+        while plain_hit.headers["x-bearpaw-cache"] != "hit" and time.monotonic() < deadline:
+            time.sleep(0.2)
+            plain_hit = cached.messages.with_raw_response.create(**stopped)
         assert plain_hit.headers["x-bearpaw-cache"] == "hit"
         with cached.messages.stream(**stopped) as stream:
             streamed_hit = stream.get_final_message()
