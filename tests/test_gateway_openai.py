@@ -187,7 +187,7 @@ def test_client_disconnect_cancels_upstream_stream(vllm_server, tmp_path):
         "BEARPAW_CACHE__ENABLED": "false",
         "BEARPAW_RESILIENCE__ON_CLIENT_DISCONNECT": "abort",
     }
-    with GatewayProcess(tmp_path, backends=[vllm_server.base_url], env=env).start() as gw:
+    with GatewayProcess(tmp_path, backends=[vllm_server.base_url], env=env) as gw:
         secret = gw.create_key("leaver")
         gw.wait_models(secret, {"tiny"})
         before = vllm_server.metrics()
