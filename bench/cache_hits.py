@@ -171,7 +171,7 @@ class Breakdown:
         model = batcher._embedder
         model.encode = self._timed("model", model.encode)  # type: ignore[method-assign]
         index = cache._index
-        index.search_many = self._timed("search", index.search_many)  # type: ignore[method-assign]
+        index.search_flat = self._timed("search", index.search_flat)  # type: ignore[method-assign]
         self._features = verifier_module.pair_feature_matrix
         verifier_module.pair_feature_matrix = self._timed("features", self._features)
         if cache._verifier is not None:

@@ -21,6 +21,7 @@ _NEGATIONS = frozenset(
 )
 _WH_WORDS = ("what", "why", "how", "when", "where", "who", "which", "whom", "whose", "is", "can")
 _WH_SET = frozenset(_WH_WORDS)
+_BE_U32 = np.dtype(">u4")
 _STOPWORDS = frozenset(
     "a an the of to in on for at by with and or is are was were be been am do does did i"
     " you he she it we they my your me our this that these those what how why when where"
@@ -77,18 +78,24 @@ class TextInfo:
         # for every cache entry in about half the memory.
         squeezed = " ".join(tokens).encode("ascii")
         if len(squeezed) >= 3:
-            b = np.frombuffer(squeezed, dtype=np.uint8).astype(np.int32)
-            self.char3 = frozenset(((b[:-2] << 16) | (b[1:-1] << 8) | b[2:]).tolist())
+            # Window i read as the big-endian 4 bytes from i (one zero byte
+            # padded on), shifted right by 8: bytes i, i+1, i+2. Two numpy
+            # calls instead of nine.
+            windows = np.ndarray((len(squeezed) - 2,), _BE_U32, squeezed + b"\0", 0, (1,))
+            self.char3 = frozenset((windows >> 8).tolist())
         else:
             self.char3 = frozenset()
-        self.numbers = frozenset(n.replace(",", "") for n in _NUMBER.findall(text))
+        numbers = _NUMBER.findall(text)
+        if "," in text:
+            numbers = [n.replace(",", "") for n in numbers]
+        self.numbers = frozenset(numbers)
         # The first word is capitalised by grammar, not because it is a name.
         # (What follows the first word as it stands: the pattern cannot match
         # whitespace, so it finds what it found in the words re-joined by one
         # space.)
         words = text.split(None, 1)
         rest = words[1] if len(words) > 1 else ""
-        self.caps = frozenset(c.lower() for c in _CAPITALISED.findall(rest))
+        self.caps = frozenset(map(str.lower, _CAPITALISED.findall(rest)))
         # No negation word ends in "n't", so the two counts add up; and a
         # token ending in "n't" is in the text.
         negations = sum(map(_NEGATIONS.__contains__, tokens))

@@ -240,6 +240,26 @@ class SemanticIndex:
         remove: it is meant to run off the event loop.
         """
         results: list[list[tuple[str, float, np.ndarray]]] = [[] for _ in namespaces]
+        found = self.search_flat(namespaces, queries, k, min_similarity)
+        for slot, entry_id, score, vector in zip(*found, strict=True):
+            results[slot].append((entry_id, score, vector))
+        return results
+
+    def search_flat(
+        self,
+        namespaces: Sequence[str],
+        queries: np.ndarray,
+        k: int,
+        min_similarity: float,
+    ) -> tuple[list[int], list[str], list[float], list[np.ndarray]]:
+        """``search_many``'s hits as four parallel lists: the query's row,
+        the entry id, the cosine and the stored vector, query by query and
+        each query's hits in search order. No tuple or list per lookup: the
+        batched lookup path takes the columns as they are."""
+        slots: list[int] = []
+        found_ids: list[str] = []
+        found_scores: list[float] = []
+        found_vectors: list[np.ndarray] = []
         groups: dict[str, list[int]] = {}
         for i, namespace in enumerate(namespaces):
             groups.setdefault(namespace, []).append(i)
@@ -259,14 +279,30 @@ class SemanticIndex:
                     faiss.omp_set_num_threads(1 if small else self._threads)
                 scores, rows = space.index.search(block, want)
                 ids, vectors = space.ids, space.vectors
+                if space.dead == 0:
+                    # No tombstones: at most k rows a query, every one live, so
+                    # the hits are the rows at or above the floor, in order.
+                    # The floor compared in float64, as a Python float is.
+                    keep = (rows >= 0) & (scores.astype(np.float64) >= min_similarity)
+                    which, col = np.nonzero(keep)
+                    hit_rows = rows[which, col].tolist()
+                    slots.extend(map(members.__getitem__, which.tolist()))
+                    found_ids.extend(map(ids.__getitem__, hit_rows))
+                    found_scores.extend(scores[which, col].tolist())
+                    found_vectors.extend(map(vectors.__getitem__, hit_rows))
+                    continue
                 for slot, row_scores, row_ids in zip(members, scores, rows, strict=True):
-                    found = results[slot]
+                    taken = 0
                     for score, row in zip(row_scores.tolist(), row_ids.tolist(), strict=True):
                         if row < 0 or score < min_similarity:
                             continue
                         entry_id = ids[row]
                         if entry_id is not None:
-                            found.append((entry_id, score, vectors[row]))
-                            if len(found) == k:
+                            slots.append(slot)
+                            found_ids.append(entry_id)
+                            found_scores.append(score)
+                            found_vectors.append(vectors[row])
+                            taken += 1
+                            if taken == k:
                                 break
-        return results
+        return slots, found_ids, found_scores, found_vectors

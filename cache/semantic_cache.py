@@ -320,24 +320,22 @@ class SemanticCache:
         vector, found = await self._embedder.embed_and(query, (namespace, query), known)
         if known is None:
             self._remember_vector(query, vector)
-        best: tuple[str, float, _Entry, float | None] | None = None
+        # Best first (search order without a verifier, else by score, the
+        # first of equal scores first): the first live one is the answer.
+        now = self._clock()
         for eid, sim, score in found:
-            entry = self._live_entry(eid, self._clock())
-            if entry is None or entry.namespace != namespace:
-                continue
-            if score is None:
-                return eid, sim, entry, None  # no verifier: the nearest live entry
-            # Strictly greater: the first of equal scores wins, as argmax did.
-            if best is None or score > best[3]:  # type: ignore[operator]
-                best = (eid, sim, entry, score)
-        return best
+            entry = self._live_entry(eid, now)
+            if entry is not None and entry.namespace == namespace:
+                return eid, sim, entry, score
+        return None
 
     def _search_batch(
         self, vectors: np.ndarray, jobs: list[tuple[str, str]]
     ) -> list[list[tuple[str, float, float | None]]]:
         """In the embedder's thread, for a batch of lookups (namespace, query):
-        each one's candidates in search order as (entry id, cosine, verifier
-        score or None), from one search per namespace and one verifier call.
+        each one's candidates as (entry id, cosine, verifier score or None),
+        best first (in search order without a verifier), from one search per
+        namespace and one verifier call.
 
         A candidate's score does not depend on the other candidates, so
         scoring all of them here and dropping dead ones on the loop picks the
@@ -352,45 +350,63 @@ class SemanticCache:
         self, vectors: np.ndarray, jobs: list[tuple[str, str]]
     ) -> list[list[tuple[str, float, float | None]]]:
         assert self._index is not None
-        found = self._index.search_many(
+        slots, eids, sims, cand_vecs = self._index.search_flat(
             [namespace for namespace, _ in jobs],
             vectors,
             self.settings.search_k,
             self.settings.min_similarity,
         )
+        results: list[list[tuple[str, float, float | None]]] = [[] for _ in jobs]
         verifier = self._verifier
         if verifier is None:
-            return [[(eid, sim, None) for eid, sim, _ in hits] for hits in found]
-        owners: list[int] = []
-        pairs: list[tuple[str, float]] = []
-        query_infos: list[TextInfo] = []
-        cand_infos: list[TextInfo] = []
-        cand_vecs: list[np.ndarray] = []
-        for slot, hits in enumerate(found):
-            if not hits:
-                continue
-            info = TextInfo(jobs[slot][1])
-            for eid, sim, vec in hits:
-                cand = self._infos.get(eid)
-                if cand is None:
-                    entry = self._entries.get(eid)
-                    if entry is None:
-                        continue  # forgotten since the search: not a candidate
-                    cand = TextInfo(entry.query)
-                owners.append(slot)
-                pairs.append((eid, sim))
-                query_infos.append(info)
-                cand_infos.append(cand)
-                cand_vecs.append(vec)
-        results: list[list[tuple[str, float, float | None]]] = [[] for _ in jobs]
-        if not pairs:
+            for slot, eid, sim in zip(slots, eids, sims, strict=True):
+                results[slot].append((eid, sim, None))
             return results
+        cand_infos: list[TextInfo | None] = list(map(self._infos.get, eids))
+        if None in cand_infos:
+            self._drop_unknown(slots, eids, sims, cand_vecs, cand_infos)
+        if not eids:
+            return results
+        # One tokenisation per lookup with candidates, shared by its pairs.
+        query_info: dict[int, TextInfo] = {}
+        for slot in slots:
+            if slot not in query_info:
+                query_info[slot] = TextInfo(jobs[slot][1])
         scores = verifier.score_pairs(
-            vectors[owners], query_infos, np.vstack(cand_vecs), cand_infos
-        ).tolist()
-        for slot, (eid, sim), score in zip(owners, pairs, scores, strict=True):
-            results[slot].append((eid, sim, score))
+            vectors[slots],
+            list(map(query_info.__getitem__, slots)),
+            np.array(cand_vecs, dtype=np.float32),
+            cand_infos,  # type: ignore[arg-type]
+        )
+        # Each lookup's candidates best first: by score, and of equal scores
+        # the first in search order (a stable sort), as the loop's argmax
+        # picked. _best then settles on the first live one, usually the first.
+        order = np.lexsort((-scores, np.asarray(slots))).tolist()
+        score_list = scores.tolist()
+        for n in order:
+            results[slots[n]].append((eids[n], sims[n], score_list[n]))
         return results
+
+    def _drop_unknown(
+        self,
+        slots: list[int],
+        eids: list[str],
+        sims: list[float],
+        vecs: list[np.ndarray],
+        infos: list[TextInfo | None],
+    ) -> None:
+        """In place: candidates without a remembered tokenisation get one from
+        their entry; those forgotten since the search are no candidates."""
+        keep = []
+        for n, eid in enumerate(eids):
+            if infos[n] is None:
+                entry = self._entries.get(eid)
+                if entry is None:
+                    continue
+                infos[n] = TextInfo(entry.query)
+            keep.append(n)
+        for column in (slots, eids, sims, vecs, infos):
+            column[:] = [column[n] for n in keep]  # type: ignore[index]
 
     def _fixed_threshold(self, operating_point: str) -> float:
         """The fixed operating point's threshold on the candidate's score."""

@@ -345,3 +345,56 @@ def test_numeric_threads_cap_the_blas_pools_during_a_batch() -> None:
     assert limit_torch_threads(1, "cpu") is False
     assert SemanticIndex(8, threads=1)._threads == 1
     assert SemanticIndex(8)._threads == index_module._OMP_THREADS
+
+
+async def test_search_batch_gives_candidates_best_first(tmp_path: Path) -> None:
+    """_search_batch hands each lookup its candidates best first (verifier
+    score, the first in search order among equals), so the loop takes the
+    first live one; a candidate whose tokenisation is not remembered is
+    tokenised from its entry, and one forgotten since the search is dropped."""
+    cache = await _filled(tmp_path, "faiss", True)
+    try:
+        assert cache._index is not None and cache._verifier is not None
+        queries = query_texts(stored_texts())[:120]
+        texts = [q for _, q in queries]
+        vectors = await cache._embed_texts(texts)
+        jobs = [(NAMESPACES[n], q) for n, q in queries]
+        got = cache._search_batch(vectors, jobs)
+        found = cache._index.search_many([ns for ns, _ in jobs], vectors, 4, 0.8)
+        assert sum(map(len, got)) > 200
+        for j, (hits, cands) in enumerate(zip(found, got, strict=True)):
+            assert sorted(e for e, _, _ in hits) == sorted(e for e, _, _ in cands)
+            if not hits:
+                continue
+            want = cache._verifier.score(
+                vectors[j],
+                texts[j],
+                np.vstack([v for _, _, v in hits]),
+                [cache._entries[e].query for e, _, _ in hits],
+            )
+            best = int(np.argmax(want))
+            assert cands[0][0] == hits[best][0]
+            assert cands[0][2] == pytest.approx(float(want[best]), abs=1e-6)
+            scores = [s for _, _, s in cands]
+            assert scores == sorted(scores, reverse=True)
+            by_id = {e: s for e, s, _ in hits}
+            assert all(sim == by_id[e] for e, sim, _ in cands)
+        # Tokenisations dropped for some candidates: recomputed, same answers.
+        # An entry gone from memory (forgotten between search and scoring):
+        # no longer a candidate.
+        firsts = [c[0][0] for c in got if c]
+        for eid in firsts[:10]:
+            del cache._infos[eid]
+        gone = firsts[10]
+        entry = cache._entries.pop(gone)
+        del cache._infos[gone]
+        again = cache._search_batch(vectors, jobs)
+        for before, after in zip(got, again, strict=True):
+            kept = [c for c in before if c[0] != gone]
+            # Other rows in the verifier's matrix products: float32 rounding only.
+            assert [c[:2] for c in kept] == [c[:2] for c in after]
+            for b, a in zip(kept, after, strict=True):
+                assert a[2] == pytest.approx(b[2], abs=1e-6)
+        cache._entries[gone] = entry
+    finally:
+        await cache.close()

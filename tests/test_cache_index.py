@@ -73,3 +73,44 @@ def test_torch_backend_finds_what_faiss_finds(monkeypatch) -> None:
         want = on_faiss.search("ns", q, 5, 0.0)
         assert [e for e, _ in got] == [e for e, _ in want]
         assert [s for _, s in got] == pytest.approx([s for _, s in want], abs=1e-5)
+
+
+@pytest.mark.parametrize("tombstones", [False, True])
+def test_search_flat_equals_brute_force(tombstones: bool) -> None:
+    """The batch search's columns: per query (in any namespace order) the
+    live rows of its namespace at or above the floor, best first, at most k,
+    with their stored vectors. Without tombstones the hits are picked by a
+    mask over the whole result matrix, with them row by row; both must give
+    the exact inner-product answer."""
+    rng = np.random.default_rng(7)
+    centres = rng.normal(size=(3, 16)).astype(np.float32)
+    index = SemanticIndex(16)
+    vectors: dict[str, np.ndarray] = {}
+    for i in range(300):
+        v = centres[i % 3] + 0.5 * rng.normal(size=16).astype(np.float32)
+        v /= np.linalg.norm(v)
+        vectors[f"e{i}"] = v
+        index.add(f"ns{i % 2}", f"e{i}", v)
+    if tombstones:
+        for i in range(0, 300, 5):
+            index.remove(f"e{i}")
+            del vectors[f"e{i}"]
+    assert any(s.dead for s in index._spaces.values()) == tombstones
+    queries = centres[rng.integers(0, 3, 40)] + 0.5 * rng.normal(size=(40, 16)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    namespaces = [f"ns{j % 3}" for j in range(40)]  # ns2 holds nothing
+    k, floor = 4, 0.6
+    slots, ids, scores, found = index.search_flat(namespaces, queries, k, floor)
+    assert len(slots) == len(ids) == len(scores) == len(found) > 0
+    for j, namespace in enumerate(namespaces):
+        live = [e for e in vectors if int(e[1:]) % 2 == int(namespace[2:])]
+        sims = {e: float(np.float32(vectors[e] @ queries[j])) for e in live}
+        want = sorted((e for e in live if sims[e] >= floor), key=lambda e: -sims[e])[:k]
+        mine = [n for n, slot in enumerate(slots) if slot == j]
+        assert [ids[n] for n in mine] == want
+        for n in mine:
+            assert abs(scores[n] - sims[ids[n]]) < 1e-5
+            np.testing.assert_array_equal(found[n], vectors[ids[n]])
+        assert [(e, s) for e, s, _ in index.search_many(namespaces, queries, k, floor)[j]] == [
+            (ids[n], scores[n]) for n in mine
+        ]
