@@ -27,6 +27,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
 from gateway.db import UsageRecord
+from gateway.db.write_lock import sqlite_writer_lock
 from gateway.resilience.dependencies import Dependencies, is_database_error
 from gateway.resilience.usage_spool import UsageSpool
 
@@ -82,6 +83,9 @@ class UsageWriter:
         self._replayer: threading.Thread | None = None
         self._stopping = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Other processes' usage writers on the same SQLite file wait in the
+        # kernel for this one, not in SQLite's sleeps (gateway/db/write_lock.py).
+        self._writer_lock = sqlite_writer_lock(engine)
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -130,8 +134,9 @@ class UsageWriter:
                     try:
                         if conn is None:
                             conn = self.engine.connect()
-                        conn.execute(stmt, rows)
-                        conn.commit()
+                        with self._writer_lock():
+                            conn.execute(stmt, rows)
+                            conn.commit()
                     except Exception as exc:
                         if conn is not None:
                             conn.close()

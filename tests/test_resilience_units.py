@@ -279,3 +279,40 @@ def test_key_cache_trusts_for_ttl_and_serves_stale_up_to_its_bound() -> None:
     assert cache.stale_get("d") == (True, None)  # unless the database is down
     time.sleep(0.3)
     assert cache.stale_get("d") == (False, None)
+
+
+def test_sqlite_writer_lock_excludes_other_processes(tmp_path) -> None:
+    """The usage writers of several processes on one SQLite file take turns on
+    a flock beside it (gateway/db/write_lock.py), so none sleeps in SQLite's
+    busy handler; other databases and in-memory SQLite need no lock."""
+    import contextlib
+    import subprocess
+    import sys
+
+    from sqlalchemy import create_engine
+
+    from gateway.db.write_lock import sqlite_writer_lock
+
+    db = tmp_path / "bearpaw.db"
+    held = sqlite_writer_lock(create_engine(f"sqlite:///{db}"))
+    probe = (
+        "import fcntl, os, sys\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+        "try:\n"
+        "    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+        "    print('free')\n"
+        "except BlockingIOError:\n"
+        "    print('taken')\n"
+    )
+    lock_file = str(db) + ".writers.lock"
+
+    def other_process_sees() -> str:
+        out = subprocess.run([sys.executable, "-c", probe, lock_file], capture_output=True)
+        return out.stdout.decode().strip()
+
+    with held():
+        assert other_process_sees() == "taken"
+    assert other_process_sees() == "free"
+    assert sqlite_writer_lock(create_engine("sqlite://")) is contextlib.nullcontext
+    pg = create_engine("postgresql+psycopg://u@127.0.0.1:1/x")
+    assert sqlite_writer_lock(pg) is contextlib.nullcontext
