@@ -133,7 +133,9 @@ async def test_closing_a_stream_aborts_generation(vllm_server: VllmServer) -> No
 async def test_killed_replica_loses_no_request(vllm_pair: tuple[VllmServer, VllmServer]) -> None:
     victim, survivor = vllm_pair
     pool = pool_for([victim.base_url, survivor.base_url], max_retries=2, read_timeout=120)
-    body = CHAT | {"max_tokens": 256, "ignore_eos": True}
+    # Long answers, so the victim's are still in flight when it is killed (with
+    # 256 tokens a fast CI box had finished them all first).
+    body = CHAT | {"max_tokens": 400, "ignore_eos": True}
     try:
         requests = [
             asyncio.create_task(pool.request("tiny", "/chat/completions", body)) for _ in range(24)
@@ -144,7 +146,7 @@ async def test_killed_replica_loses_no_request(vllm_pair: tuple[VllmServer, Vllm
         responses = await asyncio.gather(*requests)
         assert len(responses) == 24
         assert all(
-            r.status == 200 and r.body["usage"]["completion_tokens"] == 256 for r in responses
+            r.status == 200 and r.body["usage"]["completion_tokens"] == 400 for r in responses
         )
         assert victim_replica.failures_total >= 1  # the kill did hit requests in flight
         assert sum(r.replica == survivor.base_url for r in responses) >= 4
