@@ -3,7 +3,8 @@
 # taken every carried piece but the last. The whole measurement of
 # bench/gpu_stack.py in three calls, each well inside the 10-minute limit:
 #   bash bench/gpu/stack_phases.sh boot      setup (last piece), vLLM, gateway, overhead, cache
-#   bash bench/gpu/stack_phases.sh steady    the steady trace: alone, oracle sweep, naive64, SLO loop
+#   bash bench/gpu/stack_phases.sh steady    the steady trace: alone, oracle sweep, naive64
+#   bash bench/gpu/stack_phases.sh steady2   the steady trace's SLO phases (baseline from steady.json)
 #   bash bench/gpu/stack_phases.sh diurnal   the diurnal trace: alone, oracle sweep, naive64
 #   bash bench/gpu/stack_phases.sh diurnal2  the diurnal trace's SLO phases (baseline from
 #                                            diurnal.json), then stops everything
@@ -39,9 +40,16 @@ cacheonly() {
 }
 
 steady() {
-  $STACK slo --traces steady --phases alone,fixed1,fixed2,fixed4,fixed8,fixed12,naive64,slo1.1,slo1.5 \
+  # Seven phases of about 60 s each (setup included): one call, inside its 600 s.
+  $STACK slo --traces steady --phases alone,fixed1,fixed2,fixed4,fixed8,fixed12,naive64 \
     --duration 45 --out "$OUT/steady.json" 2>&1 | tee "$OUT/steady.log"
-  cp /tmp/bp/data/worker-slo*.log "$OUT/" 2>/dev/null
+  cp "$OUT/steady.json" /tmp/bp/steady-alone.json
+}
+
+steady2() {
+  $STACK slo --traces steady --phases slo1.1,slo1.5 --baseline-from /tmp/bp/steady-alone.json \
+    --duration 45 --out "$OUT/steady2.json" 2>&1 | tee "$OUT/steady2.log"
+  for f in /tmp/bp/data/worker-slo*.log; do cp "$f" "$OUT/steady-$(basename "$f")"; done
 }
 
 diurnal() {
@@ -58,4 +66,4 @@ diurnal2() {
   bash "$HERE/device.sh" stop
 }
 
-"${1:?boot|steady|diurnal|diurnal2|cacheonly}"
+"${1:?boot|steady|steady2|diurnal|diurnal2|cacheonly}"
