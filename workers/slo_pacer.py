@@ -34,6 +34,7 @@ import math
 import time
 import weakref
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -131,6 +132,16 @@ MIN_STREAMS = 40
 # Without this, one slow stream read again and again in the widened window
 # cut the limit from 13 to 1 in three decisions (CPU rehearsal).
 MIN_EVIDENCE = 10
+# A climb needs more: the closer a reading sits to ``headroom``, the more
+# streams must agree, up to this many. Near the bound the excess is carried by
+# a few streams in a hundred (those that met a batch prefill), which ten
+# streams mostly miss: on the H200 at 1.1x the loop climbed 2 -> 3 on readings
+# of 0.35-0.81 from ten streams, then had to cut 3 -> 1 at 1.3 (run 4).
+# A cut stays quick: one bad reading of ten streams is evidence enough.
+CLIMB_EVIDENCE = 60
+# The most streams received under one limit that a reading keeps (a p99 of
+# 100 is its 99th value, not its maximum).
+LONG_STREAMS = 100
 
 
 @dataclass(slots=True)
@@ -148,6 +159,8 @@ class Reading:
     gw_latency_p99: float | None = None
     # Interactive streams run, but too few began under the current limit.
     pending: bool = False
+    # Gateway streams received under the current limit (None: no feed).
+    evidence: int | None = None
 
 
 class SloPacer:
@@ -339,6 +352,8 @@ class ModelPacer:
                 self._add_streams(reading, now)
             if reading.pending and not self._far_inside(reading):
                 return self.pacer.limit  # wait for evidence under this limit
+            if self._climb_unproven(reading):
+                return self.pacer.limit  # inside the bound, but not surely yet
             before = self.pacer.limit
             after = self.pacer.observe(reading)
             if after != before or reading.own > after:
@@ -365,6 +380,19 @@ class ModelPacer:
         pressure = self.pacer.pressure(reading)
         return pressure is not None and pressure < FAR_INSIDE * self.pacer.aimd.headroom
 
+    def _climb_unproven(self, reading: Reading) -> bool:
+        """A climb on fewer streams than its margin needs: ``MIN_EVIDENCE``
+        divided by the share of headroom left, up to ``CLIMB_EVIDENCE``
+        (far inside, the usual quick climb)."""
+        if reading.evidence is None or reading.pending:
+            return False
+        pressure = self.pacer.pressure(reading)
+        headroom = self.pacer.aimd.headroom
+        if pressure is None or pressure >= headroom or pressure < FAR_INSIDE * headroom:
+            return False  # a cut, a hold, or far inside
+        needed = min(CLIMB_EVIDENCE, math.ceil(MIN_EVIDENCE / (1.0 - pressure / headroom)))
+        return reading.evidence < needed
+
     def _add_streams(self, reading: Reading, now: float) -> None:
         """The gateway's streams of the window, as p99s over requests."""
         assert self.feed is not None
@@ -373,15 +401,29 @@ class ModelPacer:
             return  # no interactive stream lately: vLLM's view decides
         reading.busy = True
         streams = self.feed.recent(self.model, now, window, MIN_STREAMS, self._since)
+        # Everything received under this limit (the feed keeps a minute): more
+        # than one window holds, for the climb's evidence and for a p99 that is
+        # one (of 40 streams, the nearest-rank p99 is their maximum, about a
+        # p97.5: a limit whose p99 sits just over the bound would read inside).
+        under = self.feed.since(self.model, self._since, max(LONG_STREAMS, CLIMB_EVIDENCE))
+        reading.evidence = len(under)
+        under = under[len(under) - LONG_STREAMS :] if LONG_STREAMS > 0 else []
         if len(streams) < MIN_EVIDENCE:
             # Too few under this limit: the window as a whole, which only
             # a clear "far inside" may act on (see limit()).
             reading.pending = True
             streams = self.feed.recent(self.model, now, window, MIN_STREAMS)
+            under = []
         k = self.bounds.ratio_tokens
-        reading.gw_ttft_p99 = _p99([s.ttft_s for s in streams])
-        reading.gw_tpot_p99 = _p99([s.tpot_s for s in streams if s.tpot_s is not None])
-        reading.gw_latency_p99 = _p99([s.ttft_s + k * (s.tpot_s or 0.0) for s in streams])
+        # The worse of the window (a sudden rise) and the limit's whole record
+        # (a steady small excess the window's few streams do not resolve).
+        reading.gw_ttft_p99 = _p99_worst([s.ttft_s for s in x] for x in (streams, under))
+        reading.gw_tpot_p99 = _p99_worst(
+            [s.tpot_s for s in x if s.tpot_s is not None] for x in (streams, under)
+        )
+        reading.gw_latency_p99 = _p99_worst(
+            [s.ttft_s + k * (s.tpot_s or 0.0) for s in x] for x in (streams, under)
+        )
 
 
 # One pacer per (pool, model) per process: a batch runs as a chain of short
@@ -405,6 +447,12 @@ def _p99(values: list[float]) -> float | None:
         return None
     ordered = sorted(values)
     return ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)]
+
+
+def _p99_worst(samples: Iterable[list[float]]) -> float | None:
+    """The largest p99 of several samples (those with values)."""
+    p99s = [p for p in map(_p99, samples) if p is not None]
+    return max(p99s) if p99s else None
 
 
 def _add(total: Histogram, newer: Histogram | None, older: Histogram | None) -> Histogram:

@@ -115,6 +115,13 @@ class GatewayFeed:
         wider = [s for s in streams if s.at >= now - 4 * window_s]
         return wider[-at_least:]
 
+    def since(self, model: str, started_after: float, last: int) -> list[Stream]:
+        """The last ``last`` kept streams the gateway received after ``started_after``."""
+        if last <= 0:
+            return []
+        streams = [s for s in self._streams.get(model, ()) if s.started >= started_after]
+        return streams[-last:]
+
     def active(self, model: str, now: float, window_s: float) -> bool:
         """Whether an interactive stream of the model ended in the window."""
         streams = self._streams.get(model)
