@@ -114,28 +114,24 @@ class UsageWriter:
             if first is self._STOP:
                 break
             batch = [first]
-            stop = False
-            while True:  # everything that queued meanwhile joins this commit
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is self._STOP:
-                    stop = True
-                    break
-                batch.append(item)
-            rows = [row for row, _ in batch]
+            stop = self._drain(batch)
             error: Exception | None = None
             try:
                 if self._spooling():
                     # Behind the records already waiting, so replay keeps their order.
-                    self.spool.append(rows)  # type: ignore[union-attr]
+                    self.spool.append([row for row, _ in batch])  # type: ignore[union-attr]
                 else:
                     try:
                         if conn is None:
                             conn = self.engine.connect()
                         with self._writer_lock():
-                            conn.execute(stmt, rows)
+                            # What queued while another process's writer held
+                            # the lock joins too: otherwise the writers take
+                            # turns committing small groups, and every record
+                            # that arrived during a wait waits a turn more.
+                            if not stop:
+                                stop = self._drain(batch)
+                            conn.execute(stmt, [row for row, _ in batch])
                             conn.commit()
                     except Exception as exc:
                         if conn is not None:
@@ -144,7 +140,7 @@ class UsageWriter:
                         if self.spool is None or not is_database_error(exc):
                             raise
                         self.dependencies.failed("database", exc)
-                        self.spool.append(rows)
+                        self.spool.append([row for row, _ in batch])
             except Exception as exc:  # keep the writer alive; callers see the failure
                 log.exception("usage write failed")
                 error = exc
@@ -153,6 +149,17 @@ class UsageWriter:
                 break
         if conn is not None:
             conn.close()
+
+    def _drain(self, batch: list[Any]) -> bool:
+        """Moves everything queued now into ``batch``; True if a stop was among it."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return False
+            if item is self._STOP:
+                return True
+            batch.append(item)
 
     def _spooling(self) -> bool:
         if self.spool is None:
