@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cache.verifier as verifier_module  # noqa: E402
 from cache.config import CacheSettings  # noqa: E402
 from cache.embedder import Embedder  # noqa: E402
-from cache.keys import namespace_for  # noqa: E402
+from cache.keys import namespace_for, query_text  # noqa: E402
 from cache.semantic_cache import SemanticCache  # noqa: E402
 
 QQP = Path("/work/shared/data/qqp-pairs-dev.jsonl")
@@ -279,7 +279,8 @@ async def run(
         assert cache._embedder is not None
         model = cache._embedder._embedder
         if precomputed:
-            texts = [m["messages"][-1]["content"] for m in more]
+            # The text the cache embeds, as it derives it (stripped of outer spaces).
+            texts = [query_text(m).strip() for m in more]
             table = dict(zip(texts, model.encode(texts, 32), strict=True))
             encode = model.encode
 
