@@ -6,6 +6,11 @@ Committing one row per request would cap throughput at the database's commit
 rate; instead every record that arrives while a commit is running joins the
 next one (group commit), so latency stays one commit and throughput scales.
 
+On an SQLite file the group is committed on the event loop's own thread
+whenever that needs no waiting (gateway/db/loop_commit.py says why: the hand-off
+to a thread costs GIL waits); a group it cannot commit at once goes to the
+writer thread, which does.
+
 When the database cannot take a group, the group goes to a local spool
 (gateway/resilience/usage_spool.py) with the same durability (fsync before the
 answers are released), and a replayer thread hands it to the database once it
@@ -19,6 +24,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -27,6 +33,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
 from gateway.db import UsageRecord
+from gateway.db.loop_commit import LoopCommitter
 from gateway.db.write_lock import sqlite_writer_lock
 from gateway.resilience.dependencies import Dependencies, is_database_error
 from gateway.resilience.usage_spool import UsageSpool
@@ -58,11 +65,14 @@ def record_row(record: UsageRecord) -> dict[str, Any]:
 
 
 class UsageWriter:
-    """Group commit on one long-lived writer thread.
+    """Group commit, on the event loop's thread when it can be done at once,
+    else on one long-lived writer thread.
 
-    The thread keeps one connection open and commits everything that queued
-    up while the previous commit ran; the event loop only enqueues and waits on
-    a future, so no per-request thread hand-off or pool checkout is paid."""
+    The records a turn of the event loop produced are committed together at
+    the end of that turn. What cannot be (another writer holds the file, the
+    database is PostgreSQL, down or spooling) goes to the thread, which keeps
+    one connection open and commits everything that queued up while its
+    previous commit ran. Either way the request only waits on a future."""
 
     _STOP = object()
 
@@ -72,6 +82,8 @@ class UsageWriter:
         spool: UsageSpool | None = None,
         dependencies: Dependencies | None = None,
         replay_interval_s: float = 1.0,
+        on_loop: bool = True,
+        checkpoint_interval_s: float = 1.0,
     ) -> None:
         self.engine = engine
         self.spool = spool
@@ -86,6 +98,17 @@ class UsageWriter:
         # Other processes' usage writers on the same SQLite file wait in the
         # kernel for this one, not in SQLite's sleeps (gateway/db/write_lock.py).
         self._writer_lock = sqlite_writer_lock(engine)
+        self._on_loop = (
+            LoopCommitter(engine, _insert_statement(engine))
+            if on_loop and LoopCommitter.supports(engine)
+            else None
+        )
+        self._pending: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        # The loop's commits never checkpoint the WAL; the thread does, this
+        # often, when they have added to it.
+        self.checkpoint_interval_s = checkpoint_interval_s
+        self._checkpointed_at = 0
+        self.checkpoints = 0
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -103,14 +126,46 @@ class UsageWriter:
             await asyncio.to_thread(insert_ignoring_duplicates, self.engine, [record_row(record)])
             return
         fut: asyncio.Future[None] = self._loop.create_future()
-        self._queue.put((record_row(record), fut))
+        if self._on_loop is not None and not self._spooling():
+            self._pending.append((record_row(record), fut))
+            if len(self._pending) == 1:
+                # After the callbacks already due: the rest of this turn's
+                # records join the group.
+                self._loop.call_soon(self._commit_pending)
+        else:
+            self._queue.put((record_row(record), fut))
         await asyncio.shield(fut)
+
+    def _commit_pending(self) -> None:
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        assert self._on_loop is not None
+        if self._on_loop.try_commit([row for row, _ in batch]):
+            _settle([f for _, f in batch], None)
+            return
+        for item in batch:  # the writer thread waits its turn for them
+            self._queue.put(item)
+
+    @property
+    def loop_commits(self) -> int:
+        """Groups committed on the event loop's thread."""
+        return self._on_loop.commits if self._on_loop is not None else 0
 
     def _run(self) -> None:
         conn = None
         stmt = _insert_statement(self.engine)
+        due = time.monotonic() + self.checkpoint_interval_s
         while True:
-            first = self._queue.get()
+            try:
+                first = self._queue.get(timeout=max(0.0, due - time.monotonic()))
+            except queue.Empty:
+                first = None
+            if time.monotonic() >= due:
+                conn = self._checkpoint(conn)
+                due = time.monotonic() + self.checkpoint_interval_s
+            if first is None:
+                continue
             if first is self._STOP:
                 break
             batch = [first]
@@ -149,6 +204,26 @@ class UsageWriter:
                 break
         if conn is not None:
             conn.close()
+
+    def _checkpoint(self, conn: Any) -> Any:
+        """Copies the WAL's frames into the database file (PASSIVE: without
+        stopping readers or writers) when the loop's commits added to it."""
+        committer = self._on_loop  # the loop may drop it meanwhile (close)
+        if committer is None or committer.commits == self._checkpointed_at:
+            return conn
+        self._checkpointed_at = committer.commits
+        try:
+            if conn is None:
+                conn = self.engine.connect()
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+            conn.commit()
+            self.checkpoints += 1
+        except Exception:
+            log.warning("WAL checkpoint failed", exc_info=True)
+            if conn is not None:
+                conn.close()
+            return None
+        return conn
 
     def _drain(self, batch: list[Any]) -> bool:
         """Moves everything queued now into ``batch``; True if a stop was among it."""
@@ -196,6 +271,11 @@ class UsageWriter:
         return done
 
     async def close(self) -> None:
+        if self._on_loop is not None:
+            # What this turn still holds goes first, ahead of the stop.
+            self._commit_pending()
+            self._on_loop.close()
+            self._on_loop = None
         if self._thread is not None:
             self._queue.put(self._STOP)
             await asyncio.to_thread(self._thread.join)

@@ -316,3 +316,162 @@ def test_sqlite_writer_lock_excludes_other_processes(tmp_path) -> None:
     assert sqlite_writer_lock(create_engine("sqlite://")) is contextlib.nullcontext
     pg = create_engine("postgresql+psycopg://u@127.0.0.1:1/x")
     assert sqlite_writer_lock(pg) is contextlib.nullcontext
+
+
+def _other_process_holding(lock_file: str) -> subprocess.Popen[str]:
+    """A process that holds the usage writers' flock until its stdin closes."""
+    code = (
+        "import fcntl, os, sys\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "print('held', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, lock_file],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_writer_commits_on_the_loop_when_nothing_waits(tmp_path: Path, sqlite_engine) -> None:
+    """A turn's records commit together on the event loop's thread: one group
+    for 50 concurrent writes, none through the writer thread."""
+    writer = UsageWriter(sqlite_engine)
+
+    async def run() -> None:
+        writer.start()
+        await asyncio.gather(*(writer.write(_record(i)) for i in range(50)))
+        assert writer.loop_commits == 1
+        await asyncio.gather(*(writer.write(_record(i)) for i in range(50, 60)))
+        assert writer.loop_commits == 2
+        await writer.close()
+
+    asyncio.run(run())
+    assert _count(sqlite_engine) == (60, 180)
+
+
+def test_loop_commit_hands_over_while_another_process_writes(tmp_path: Path, sqlite_engine) -> None:
+    """While another process holds the writers' lock the loop does not wait
+    for it: the group goes to the writer thread, whose answers wait until the
+    lock is free, and every record lands exactly once."""
+    lock_file = str(tmp_path / "usage.db") + ".writers.lock"
+    writer = UsageWriter(sqlite_engine)
+    holder = _other_process_holding(lock_file)
+
+    async def run() -> None:
+        writer.start()
+        writes = asyncio.gather(*(writer.write(_record(i)) for i in range(20)))
+        ticks = 0
+        for _ in range(20):  # the loop keeps turning meanwhile
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert ticks == 20 and not writes.done()
+        assert writer.loop_commits == 0 and _count(sqlite_engine)[0] == 0
+        holder.stdin.close()  # type: ignore[union-attr]
+        holder.wait(10)
+        await asyncio.wait_for(writes, 10)
+        assert writer.loop_commits == 0
+        # The lock is free again: the next turn's group commits on the loop.
+        await writer.write(_record(99))
+        assert writer.loop_commits == 1
+        await writer.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+    assert _count(sqlite_engine) == (21, 63)
+
+
+def test_loop_commit_hands_over_while_sqlite_is_locked(tmp_path: Path, sqlite_engine) -> None:
+    """Another connection mid-write (a batch worker, a migration) makes SQLite
+    itself busy: the loop's commit fails at once instead of sleeping, and the
+    writer thread commits the group once the other transaction ends."""
+    import sqlite3
+
+    other = sqlite3.connect(str(tmp_path / "usage.db"), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    writer = UsageWriter(sqlite_engine)
+
+    async def run() -> None:
+        writer.start()
+        writes = asyncio.gather(*(writer.write(_record(i)) for i in range(5)))
+        await asyncio.sleep(0.3)
+        assert not writes.done() and writer.loop_commits == 0
+        other.execute("COMMIT")
+        await asyncio.wait_for(writes, 30)
+        await writer.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        other.close()
+    assert _count(sqlite_engine) == (5, 15)
+
+
+def test_writer_close_commits_what_the_turn_still_holds(sqlite_engine) -> None:
+    writer = UsageWriter(sqlite_engine)
+
+    async def run() -> None:
+        writer.start()
+        tasks = [asyncio.ensure_future(writer.write(_record(i))) for i in range(7)]
+        await asyncio.sleep(0)  # the writes are pending, their commit not yet run
+        await writer.close()
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+
+    asyncio.run(run())
+    assert _count(sqlite_engine) == (7, 21)
+
+
+def _rows_in_the_main_file(db: Path, tmp_path: Path) -> int:
+    """Rows in the database file alone, without what its WAL holds."""
+    import shutil
+    import sqlite3
+
+    copy = tmp_path / "main-file-only.db"
+    shutil.copyfile(db, copy)
+    probe = sqlite3.connect(str(copy))
+    try:
+        return probe.execute("SELECT count(*) FROM usage_records").fetchone()[0]
+    finally:
+        probe.close()
+
+
+@pytest.mark.parametrize("interval_s", [3600.0, 0.05])
+def test_writer_checkpoints_what_the_loop_committed(
+    tmp_path: Path, sqlite_engine, interval_s: float
+) -> None:
+    """The loop's connection never checkpoints (a checkpoint fsyncs): its
+    commits stay in the WAL until the writer thread checkpoints them, every
+    `checkpoint_interval_s`, so the WAL does not grow without end."""
+    from gateway.db.engine import get_engine
+
+    db = tmp_path / "usage.db"
+    engine = get_engine(f"sqlite:///{db}")  # the product's engine: WAL on every connection
+    writer = UsageWriter(engine, checkpoint_interval_s=interval_s)
+
+    async def run() -> int:
+        writer.start()
+        for i in range(30):
+            await writer.write(_record(i))
+        assert writer.loop_commits == 30
+        for _ in range(50):
+            if writer.checkpoints:
+                break
+            await asyncio.sleep(0.02)
+        seen = _rows_in_the_main_file(db, tmp_path)
+        await writer.close()
+        return seen
+
+    in_main_file = asyncio.run(run())
+    if interval_s > 60:
+        assert writer.checkpoints == 0 and in_main_file == 0
+    else:
+        assert writer.checkpoints >= 1 and in_main_file == 30
+    assert _count(engine) == (30, 90)
+    engine.dispose()
