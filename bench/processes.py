@@ -7,7 +7,13 @@ on the same configuration, and drives
 each with `wrk` at the same concurrencies, non-streaming chat, cache off,
 access log on. Nothing is pinned: N processes may use every CPU, and the
 upstream and wrk take their share of the same CPUs in both runs, so the
-ratio is what adding processes buys on this machine.
+ratio is what adding processes buys on this machine. `--gateway-cpus` and
+`--load-cpus` pin the gateway's process tree and the upstream + wrk apart
+(taskset), on a host with cores to spare: then the ratio is what a second
+process buys on the gateway's own cores, with the load's CPU not taken
+from them.
+
+    python bench/processes.py --gateway-cpus 0,1 --load-cpus 2-5
 
     python bench/processes.py                          # 1 vs 2, c=16 and 64, 5 s cells
     python bench/processes.py --rounds 3 --seconds 8   # alternating, median of 3
@@ -52,6 +58,7 @@ from harness import (  # noqa: E402
     free_port,
     gateway_config,
     markdown_table,
+    pinned,
     start_upstream,
     wait_http,
     wrk,
@@ -100,7 +107,12 @@ class Served:
     """One `bearpaw serve --processes N` and its data directory."""
 
     def __init__(
-        self, processes: int, models: list[dict], shared: str | None, database: str | None = None
+        self,
+        processes: int,
+        models: list[dict],
+        shared: str | None,
+        database: str | None = None,
+        cpus: str | None = None,
     ) -> None:
         self.data_dir = Path(tempfile.mkdtemp(prefix=f"bearpaw-bench-proc{processes}-"))
         extra: dict = {"database_url": database} if database else {}
@@ -120,6 +132,7 @@ class Served:
         cmd = [str(script)] if script.exists() else fallback
         cmd += ["serve", "--no-worker"]
         cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--processes", str(processes)]
+        cmd = pinned(cmd, cpus)  # the workers inherit the supervisor's CPUs
         self.log_path = self.data_dir / "serve.log"
         env = {**os.environ, "BEARPAW_CONFIG": str(config), "PYTHONUNBUFFERED": "1"}
         with self.log_path.open("wb") as log:
@@ -170,16 +183,18 @@ class Cell:
     cores: float  # all three together, CPU-seconds per second of the run
 
 
-def measure(served: Served, upstream: int, c: int, seconds: float, warmup: float) -> Cell:
+def measure(
+    served: Served, upstream: int, c: int, seconds: float, warmup: float, cpus: str | None = None
+) -> Cell:
     """One cell, with the CPU each party used: on a box whose cores the
     gateway shares with the upstream and wrk, what they take (it grows with
     the rate) is what a second gateway process cannot have."""
-    wrk(served.url, BODY, c, warmup, served.key)
+    wrk(served.url, BODY, c, warmup, served.key, cpus=cpus)
     pids = tree(served.popen.pid)
     before, up_before = tree_cpu(pids), tree_cpu([upstream])
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
-    run = wrk(served.url, BODY, c, seconds, served.key)
+    run = wrk(served.url, BODY, c, seconds, served.key, cpus=cpus)
     wall = time.monotonic() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     gateway = tree_cpu(pids) - before
@@ -208,20 +223,24 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="usage records here instead of a fresh SQLite file (e.g. PostgreSQL)",
     )
+    parser.add_argument("--gateway-cpus", default=None, help="taskset -c list for the gateway")
+    parser.add_argument("--load-cpus", default=None, help="taskset -c list for upstream + wrk")
     args = parser.parse_args(argv)
 
     up_port = free_port()
-    upstream = start_upstream(up_port)
+    upstream = start_upstream(up_port, cpus=args.load_cpus)
     models = [{"name": "bench", "replicas": [{"url": f"http://127.0.0.1:{up_port}/v1"}]}]
     counts = [int(x) for x in args.processes.split(",")]
     conc = [int(x) for x in args.concurrency.split(",")]
     results: dict[tuple[int, int], list[Cell]] = {}
     try:
         for n in [n for _ in range(args.rounds) for n in counts]:
-            served = Served(n, models, args.shared, args.database_url)
+            served = Served(n, models, args.shared, args.database_url, args.gateway_cpus)
             try:
                 for c in conc:
-                    cell = measure(served, upstream.popen.pid, c, args.seconds, args.warmup)
+                    cell = measure(
+                        served, upstream.popen.pid, c, args.seconds, args.warmup, args.load_cpus
+                    )
                     results.setdefault((n, c), []).append(cell)
                     run = cell.run
                     print(
@@ -243,6 +262,9 @@ def main(argv: list[str] | None = None) -> None:
                     )
             finally:
                 served.stop()
+                for line in served.log_path.read_text().splitlines():
+                    if "usage writer closing" in line:  # where its commits went
+                        print(f"# {n} process(es): {json.loads(line)['msg']}", flush=True)
     finally:
         upstream.stop()
     base = counts[0]
@@ -286,8 +308,13 @@ def main(argv: list[str] | None = None) -> None:
     ]
     state = f"limits.redis_url {args.shared} (RPM limit + budget counted in Redis)"
     db = args.database_url.split("@")[-1] if args.database_url else "SQLite"
+    placement = (
+        f"gateway on CPUs {args.gateway_cpus or 'any'}, upstream + wrk on {args.load_cpus or 'any'}"
+        if args.gateway_cpus or args.load_cpus
+        else "nothing pinned"
+    )
     print(
-        f"\n{os.cpu_count()} CPUs, nothing pinned; {args.seconds:.0f}s per cell, "
+        f"\n{os.cpu_count()} CPUs, {placement}; {args.seconds:.0f}s per cell, "
         f"median of {args.rounds} alternating round(s); JSON chat, "
         f"cache off, access log on; usage records in {db}; "
         f"{state if args.shared else 'in-process counters'}\n"

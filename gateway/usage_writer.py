@@ -8,8 +8,11 @@ next one (group commit), so latency stays one commit and throughput scales.
 
 On an SQLite file the group is committed on the event loop's own thread
 whenever that needs no waiting (gateway/db/loop_commit.py says why: the hand-off
-to a thread costs GIL waits); a group it cannot commit at once goes to the
-writer thread, which does.
+to a thread costs GIL waits). While another process of `serve --processes N`
+holds the writers' lock, the loop tries again on each of its turns, with what
+joined the group meanwhile, for up to `lock_spin_s`; a group still blocked
+then, or one that failed otherwise, goes to the writer thread, which waits as
+long as it takes.
 
 When the database cannot take a group, the group goes to a local spool
 (gateway/resilience/usage_spool.py) with the same durability (fsync before the
@@ -33,7 +36,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
 from gateway.db import UsageRecord
-from gateway.db.loop_commit import LoopCommitter
+from gateway.db.loop_commit import LoopCommitter, Outcome
 from gateway.db.write_lock import sqlite_writer_lock
 from gateway.resilience.dependencies import Dependencies, is_database_error
 from gateway.resilience.usage_spool import UsageSpool
@@ -84,6 +87,7 @@ class UsageWriter:
         replay_interval_s: float = 1.0,
         on_loop: bool = True,
         checkpoint_interval_s: float = 1.0,
+        lock_spin_s: float = 0.005,
     ) -> None:
         self.engine = engine
         self.spool = spool
@@ -104,11 +108,25 @@ class UsageWriter:
             else None
         )
         self._pending: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._scheduled = False  # a commit of `_pending` is due on the loop
+        # Why try again on the next turn rather than hand over at once:
+        # measured with `serve --processes 2` on 2 cores (bench/processes.py,
+        # three alternating rounds), a third of the loop's tries found the
+        # other process committing, and the hand-off to the thread put each
+        # of those groups behind a GIL turn, holding the lock meanwhile: 1.39x
+        # one process at c=16, 1.70x at c=64. Trying again after the next I/O
+        # poll (another commit holds the lock some hundred microseconds) gave
+        # 1.59x and 1.82x, with 0.5 % of groups left for the thread. A loop
+        # timer was worse than either: libuv's are whole milliseconds.
+        self.lock_spin_s = lock_spin_s
+        self._busy_since: float | None = None  # first BUSY of the waiting group
+        self.lock_retries = 0
         # The loop's commits never checkpoint the WAL; the thread does, this
         # often, when they have added to it.
         self.checkpoint_interval_s = checkpoint_interval_s
         self._checkpointed_at = 0
         self.checkpoints = 0
+        self.thread_commits = 0  # groups the writer thread committed
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -128,22 +146,37 @@ class UsageWriter:
         fut: asyncio.Future[None] = self._loop.create_future()
         if self._on_loop is not None and not self._spooling():
             self._pending.append((record_row(record), fut))
-            if len(self._pending) == 1:
+            if not self._scheduled:
                 # After the callbacks already due: the rest of this turn's
                 # records join the group.
+                self._scheduled = True
                 self._loop.call_soon(self._commit_pending)
         else:
             self._queue.put((record_row(record), fut))
         await asyncio.shield(fut)
 
-    def _commit_pending(self) -> None:
-        batch, self._pending = self._pending, []
-        if not batch:
+    def _commit_pending(self, final: bool = False) -> None:
+        self._scheduled = False
+        batch = self._pending
+        if not batch or self._on_loop is None:
             return
-        assert self._on_loop is not None
-        if self._on_loop.try_commit([row for row, _ in batch]):
+        outcome = self._on_loop.try_commit([row for row, _ in batch])
+        if outcome is Outcome.COMMITTED:
+            self._pending, self._busy_since = [], None
             _settle([f for _, f in batch], None)
             return
+        if outcome is Outcome.BUSY and not final:
+            now = time.monotonic()
+            if self._busy_since is None:
+                self._busy_since = now
+            if now - self._busy_since < self.lock_spin_s:
+                # The group stays pending and grows; tried again after the
+                # loop's next poll for I/O.
+                self.lock_retries += 1
+                self._scheduled = True
+                self._loop.call_soon(self._commit_pending)
+                return
+        self._pending, self._busy_since = [], None
         for item in batch:  # the writer thread waits its turn for them
             self._queue.put(item)
 
@@ -188,6 +221,7 @@ class UsageWriter:
                                 stop = self._drain(batch)
                             conn.execute(stmt, [row for row, _ in batch])
                             conn.commit()
+                        self.thread_commits += 1
                     except Exception as exc:
                         if conn is not None:
                             conn.close()
@@ -271,9 +305,18 @@ class UsageWriter:
         return done
 
     async def close(self) -> None:
+        # Where this process's commits went (bench/processes.py reads it).
+        log.info(
+            "usage writer closing: %d groups committed on the loop, %d by the thread; "
+            "%d tries again on the loop",
+            self.loop_commits,
+            self.thread_commits,
+            self.lock_retries,
+        )
         if self._on_loop is not None:
-            # What this turn still holds goes first, ahead of the stop.
-            self._commit_pending()
+            # What this turn still holds goes first, ahead of the stop (to
+            # the thread, if another process has the lock).
+            self._commit_pending(final=True)
             self._on_loop.close()
             self._on_loop = None
         if self._thread is not None:

@@ -356,10 +356,11 @@ def test_writer_commits_on_the_loop_when_nothing_waits(tmp_path: Path, sqlite_en
 
 def test_loop_commit_hands_over_while_another_process_writes(tmp_path: Path, sqlite_engine) -> None:
     """While another process holds the writers' lock the loop does not wait
-    for it: the group goes to the writer thread, whose answers wait until the
-    lock is free, and every record lands exactly once."""
+    for it: it tries again on its next turns for `lock_spin_s`, then the group
+    goes to the writer thread, whose answers wait until the lock is free, and
+    every record lands exactly once."""
     lock_file = str(tmp_path / "usage.db") + ".writers.lock"
-    writer = UsageWriter(sqlite_engine)
+    writer = UsageWriter(sqlite_engine, lock_spin_s=0.005)
     holder = _other_process_holding(lock_file)
 
     async def run() -> None:
@@ -371,10 +372,12 @@ def test_loop_commit_hands_over_while_another_process_writes(tmp_path: Path, sql
             ticks += 1
         assert ticks == 20 and not writes.done()
         assert writer.loop_commits == 0 and _count(sqlite_engine)[0] == 0
+        # Tried again for 5 ms, then handed to the thread, which waits.
+        assert writer.lock_retries >= 1 and writer._pending == []
         holder.stdin.close()  # type: ignore[union-attr]
         holder.wait(10)
         await asyncio.wait_for(writes, 10)
-        assert writer.loop_commits == 0
+        assert writer.loop_commits == 0 and writer.thread_commits == 1
         # The lock is free again: the next turn's group commits on the loop.
         await writer.write(_record(99))
         assert writer.loop_commits == 1
@@ -386,6 +389,38 @@ def test_loop_commit_hands_over_while_another_process_writes(tmp_path: Path, sql
         if holder.poll() is None:
             holder.kill()
     assert _count(sqlite_engine) == (21, 63)
+
+
+def test_loop_commit_tries_again_while_another_process_commits(
+    tmp_path: Path, sqlite_engine
+) -> None:
+    """Within `lock_spin_s` the group stays on the loop: tried again on each
+    turn, joined by what arrives meanwhile, and committed there, in one group,
+    once the other process lets go; the writer thread commits nothing."""
+    lock_file = str(tmp_path / "usage.db") + ".writers.lock"
+    writer = UsageWriter(sqlite_engine, lock_spin_s=60.0)
+    holder = _other_process_holding(lock_file)
+
+    async def run() -> None:
+        writer.start()
+        first = asyncio.gather(*(writer.write(_record(i)) for i in range(10)))
+        await asyncio.sleep(0.05)
+        later = asyncio.gather(*(writer.write(_record(i)) for i in range(10, 15)))
+        await asyncio.sleep(0.05)
+        assert not first.done() and not later.done()
+        assert writer.lock_retries >= 10 and len(writer._pending) == 15
+        holder.stdin.close()  # type: ignore[union-attr]
+        holder.wait(10)
+        await asyncio.wait_for(asyncio.gather(first, later), 10)
+        assert writer.loop_commits == 1 and writer.thread_commits == 0
+        await writer.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+    assert _count(sqlite_engine) == (15, 45)
 
 
 def test_loop_commit_hands_over_while_sqlite_is_locked(tmp_path: Path, sqlite_engine) -> None:

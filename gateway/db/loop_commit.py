@@ -15,12 +15,15 @@ It never makes the loop wait for anyone: the cross-process writer lock is
 only tried (gateway/db/write_lock.py), SQLite's busy timeout is 0 on its
 connection, and its commits never checkpoint the WAL (a checkpoint fsyncs;
 `checkpoint()` is for a thread to call). Whenever the group cannot be
-committed at once, `try_commit` says so, and the caller hands the group to
-its writer thread, which waits its turn.
+committed at once, `try_commit` says why: BUSY (another process's writer has
+the lock now; the usage writer tries again on its next loop turn, for a few
+milliseconds) or FAILED (SQLite busy or any other error), and the caller
+hands the group to its writer thread, which waits its turn.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -30,6 +33,12 @@ from sqlalchemy.engine import Connection, Engine
 from gateway.db.write_lock import WriterLock, writer_lock_path
 
 log = logging.getLogger("bearpaw.usage")
+
+
+class Outcome(enum.Enum):
+    COMMITTED = "committed"
+    BUSY = "busy"  # the writers' lock is held (another process is committing)
+    FAILED = "failed"  # SQLite busy or any other error: for the writer thread
 
 
 class LoopCommitter:
@@ -42,7 +51,8 @@ class LoopCommitter:
         self.lock = WriterLock(path)
         self._conn: Connection | None = None
         self.commits = 0  # groups committed here since start
-        self.declined = 0  # groups handed back: lock taken, database busy or failing
+        self.busy = 0  # tries that found the writers' lock held
+        self.failed = 0  # tries that failed otherwise (database busy or failing)
 
     @classmethod
     def supports(cls, engine: Engine) -> bool:
@@ -59,13 +69,13 @@ class LoopCommitter:
             self._conn = conn
         return self._conn
 
-    def try_commit(self, rows: Sequence[dict[str, Any]]) -> bool:
-        """Commits `rows` now if nothing stands in the way; False if the
-        caller must hand them to a writer that can wait."""
+    def try_commit(self, rows: Sequence[dict[str, Any]]) -> Outcome:
+        """Commits `rows` now if nothing stands in the way, else says what
+        stood there; nothing was committed unless COMMITTED."""
         with self.lock.held_if_free() as free:
             if not free:
-                self.declined += 1
-                return False
+                self.busy += 1
+                return Outcome.BUSY
             try:
                 conn = self._connection()
                 conn.execute(self.statement, list(rows))
@@ -77,10 +87,10 @@ class LoopCommitter:
                 # landed before the error cannot count twice.
                 log.debug("loop commit declined: %s", exc)
                 self._discard()
-                self.declined += 1
-                return False
+                self.failed += 1
+                return Outcome.FAILED
         self.commits += 1
-        return True
+        return Outcome.COMMITTED
 
     def _discard(self) -> None:
         if self._conn is not None:
