@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -480,16 +480,32 @@ class SemanticCache:
     # --------------------------------------------------------------------- store
 
     async def store(self, namespace: str, request: dict, response: dict, tenant: str) -> None:
+        work = self.begin_store(namespace, request, response, tenant)
+        if work is not None:
+            await work
+
+    def begin_store(
+        self, namespace: str, request: dict, response: dict, tenant: str
+    ) -> Coroutine[Any, Any, None] | None:
+        """Puts the answer in the exact layer now, before anything is awaited,
+        and returns the work that persists and indexes it (None: no cache).
+        A caller that must not leave a gap (a single flight about to let its
+        duplicates go) calls this synchronously and awaits or spawns the rest."""
         if self._embedder is None or not self.settings.enabled:
-            return
+            return None
         query = query_text(request).strip()
         exact_key = canonical_hash(namespace, request)
         text = json.dumps(response, separators=(",", ":"), ensure_ascii=False)
         pending = _Entry(
             namespace, tenant, exact_key, query, text, self._clock() + self.settings.ttl_seconds
         )
-        # Before the first await: the exact layer answers repeats from here on.
+        # The exact layer answers repeats from here on.
         self._storing[exact_key] = pending
+        return self._finish_store(pending, namespace, tenant, exact_key, query, text)
+
+    async def _finish_store(
+        self, pending: _Entry, namespace: str, tenant: str, exact_key: str, query: str, text: str
+    ) -> None:
         try:
             await self._persist(namespace, tenant, exact_key, query, text)
         finally:

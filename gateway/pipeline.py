@@ -224,18 +224,24 @@ class Pipeline:
                     raise
                 raise refusal from exc
         if store:
-            # Identical concurrent misses share one backend call.
-            work = self.flights.do(
-                key, lambda: self._call_backend(call, meter, path, upstream_body)
-            )
+            # Identical concurrent misses share one backend call, and the
+            # answer is in the exact layer before the flight lets go: a
+            # duplicate arriving just after finds it there, not a second call.
+            async def call_and_store() -> tuple[int, dict[str, Any], str]:
+                answer = await self._call_backend(call, meter, path, upstream_body)
+                if answer[0] < 400:
+                    stored = self.cache.begin_store(
+                        namespace, body, answer[1], call.caller.tenant_id
+                    )
+                    if stored is not None:
+                        self._spawn(stored)
+                return answer
+
+            work = self.flights.do(key, call_and_store)
         else:
             work = self._call_backend(call, meter, path, upstream_body)
 
-        def cache_answer(rbody: dict[str, Any]) -> None:
-            if store:
-                self._spawn(self.cache.store(namespace, body, rbody, call.caller.tenant_id))
-
-        resp = await self._outlive_client(work, meter, cache_answer)
+        resp = await self._outlive_client(work, meter)
         status, rbody, backend = resp
         meter.backend = backend
         headers["x-bearpaw-backend"] = backend
@@ -243,7 +249,6 @@ class Pipeline:
             meter.status, meter.error = status, _error_message(rbody)
             return Outcome(status, rbody, headers)
         self._take_usage(meter, rbody.get("usage"))
-        cache_answer(rbody)
         if candidate is not None:
             self._spawn(self.cache.verdict(candidate, body, rbody, meter.cache == "verify"))
         return Outcome(200, rbody, headers)
@@ -261,7 +266,6 @@ class Pipeline:
         self,
         work: Awaitable[tuple[int, dict[str, Any], str]],
         meter: _Meter,
-        on_answer: Callable[[dict[str, Any]], None],
     ) -> tuple[int, dict[str, Any], str]:
         """Awaits the backend call; if the client goes away first (the request
         is cancelled) and on_client_disconnect is `finish`, the call runs on in
@@ -273,14 +277,13 @@ class Pipeline:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
             meter.finishing = True  # the record is written when the call ends
-            self._spawn(self._finish_abandoned(task, meter, on_answer))
+            self._spawn(self._finish_abandoned(task, meter))
             raise
 
     async def _finish_abandoned(
         self,
         task: asyncio.Future[tuple[int, dict[str, Any], str]],
         meter: _Meter,
-        on_answer: Callable[[dict[str, Any]], None],
     ) -> None:
         try:
             status, rbody, backend = await task
@@ -289,8 +292,9 @@ class Pipeline:
         else:
             meter.backend = backend
             if status < 400:
+                # Its answer was cached inside the flight (call_and_store),
+                # so a retry of the same request is a cache hit.
                 self._take_usage(meter, rbody.get("usage"))
-                on_answer(rbody)  # a retry of the same request is then a cache hit
         meter.status, meter.error = 499, "client closed request"
         await self._record(meter)
 

@@ -63,10 +63,14 @@ async def test_routes_to_the_idle_replica(vllm_pair: tuple[VllmServer, VllmServe
     load_body = {"model": "tiny", "prompt": "hello", "max_tokens": 400, "ignore_eos": True}
     async with httpx.AsyncClient(timeout=120) as direct:
         # Load one replica behind the pool's back: only its /metrics can tell.
-        load = [
-            asyncio.create_task(direct.post(busy.base_url + "/completions", json=load_body))
-            for _ in range(48)
-        ]
+        # Each loader sends its next request as soon as one ends, so the
+        # replica stays busy however fast this CPU runs the tiny model (on a
+        # fast one, 48 single requests all ended in the middle of the picks).
+        async def keep_busy() -> None:
+            while True:
+                await direct.post(busy.base_url + "/completions", json=load_body)
+
+        load = [asyncio.create_task(keep_busy()) for _ in range(48)]
         try:
             busy_replica = pool.replicas("tiny")[0]
             await eventually(

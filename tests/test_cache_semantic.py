@@ -108,6 +108,23 @@ async def test_repeat_while_the_store_is_in_flight_is_an_exact_hit(cache: Semant
     assert hit is not None and hit.layer == "exact" and hit.entry_id != "storing"
 
 
+async def test_begin_store_serves_repeats_before_anything_is_awaited(
+    cache: SemanticCache,
+) -> None:
+    """The pipeline calls begin_store inside its single flight, just before
+    the flight lets the duplicates go: the exact layer must have the answer
+    at that instant, not once a spawned store task first runs."""
+    req = chat("How many legs does a spider have?")
+    work = cache.begin_store(ns(req), req, answer("Eight."), tenant="acme")
+    assert work is not None
+    hit = await cache.lookup(ns(req), req)  # no turn of the loop given to the store
+    assert hit is not None and hit.layer == "exact" and hit.entry_id == "storing"
+    assert hit.response["choices"][0]["message"]["content"] == "Eight."
+    await work
+    hit = await cache.lookup(ns(req), req)
+    assert hit is not None and hit.layer == "exact" and hit.entry_id != "storing"
+
+
 async def test_paraphrase_in_same_namespace_is_a_semantic_hit(cache: SemanticCache) -> None:
     req = chat(QUESTION)
     await cache.store(ns(req), req, answer("Practice daily."), tenant="acme")
